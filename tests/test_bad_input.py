@@ -1,0 +1,131 @@
+"""Bad input is refused with a message naming the setting and the fix, before any training compute."""
+
+import pytest
+from conftest import image_question_dataset, noise_image
+from datasets import Dataset, IterableDataset
+
+from trl_vaopd import VAOPDConfig, VAOPDTrainer
+from trl_vaopd.tiny_models import build_model, build_processor, build_tokenizer
+
+
+@pytest.mark.parametrize(
+    "setting, value, message",
+    [
+        ("va_high_fraction", 0.0, "va_high_fraction must be in"),
+        ("va_high_fraction", 1.2, "va_high_fraction must be in"),
+        ("va_high_weight", 1.5, "va_high_weight must be in"),
+        ("pixelate_ratio", 0.0, "pixelate_ratio must be in"),
+        ("divergence_temperature", 0.0, "divergence_temperature must be > 0"),
+        ("temperature", -1.0, "temperature must be > 0"),
+        ("va_weight_temperature", 0.0, "va_weight_temperature must be > 0"),
+        ("va_eps", 0.0, "va_eps must be > 0"),
+        ("num_generations", 0, "num_generations must be >= 1"),
+        ("counterfactual_view", "pixellate", "counterfactual_view must be one of pixelate, blur, blank, drop"),
+        ("beta", 2.0, "beta must be in"),
+    ],
+)
+def test_config_rejects_out_of_range_settings(tmp_path, setting, value, message):
+    with pytest.raises(ValueError, match=message):
+        VAOPDConfig(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=4, **{setting: value})
+
+
+def test_config_rejects_generation_batch_that_splits_sibling_groups(tmp_path):
+    with pytest.raises(ValueError, match=r"per_device_train_batch_size=2 x 1 processes x gradient_accumulation_steps=1"):
+        VAOPDConfig(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=2, num_generations=4)
+
+
+def test_config_defaults_follow_the_paper(tmp_path):
+    args = VAOPDConfig(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=4)
+    assert (args.num_generations, args.temperature, args.top_p, args.beta) == (4, 0.7, 0.95, 1.0)
+    assert args.divergence_temperature == 1.0
+    assert (args.counterfactual_view, args.pixelate_ratio) == ("pixelate", 0.1)
+    assert (args.va_high_fraction, args.va_high_weight, args.va_weight_temperature, args.va_eps) == (0.2, 0.5, 1.0, 1e-6)
+    assert args.rollout_weighting and args.token_grouping
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tokenizer = build_tokenizer()
+    processor = build_processor("qwen3_vl", tokenizer)
+    return processor, build_model("qwen3_vl", processor, "student"), build_model("qwen3_vl", processor, "teacher")
+
+
+def _trainer(tiny, tmp_path, dataset=None, **kwargs):
+    processor, student, teacher = tiny
+    args = kwargs.pop("args", None) or VAOPDConfig(
+        output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=4, report_to=[], bf16=False
+    )
+    return VAOPDTrainer(
+        model=student,
+        teacher_model=kwargs.pop("teacher_model", teacher),
+        args=args,
+        train_dataset=image_question_dataset(4) if dataset is None else dataset,
+        processing_class=kwargs.pop("processing_class", processor),
+        **kwargs,
+    )
+
+
+def test_dataset_without_images_is_refused(tiny, tmp_path):
+    text_only = Dataset.from_list([{"prompt": [{"role": "user", "content": "2 + 2?"}]}] * 4)
+    with pytest.raises(ValueError, match="neither an 'images' nor an 'image' column"):
+        _trainer(tiny, tmp_path, text_only)
+
+
+def test_rows_without_images_are_refused(tiny, tmp_path):
+    rows = [{"prompt": [{"role": "user", "content": "q"}], "images": [noise_image(i)] if i else []} for i in range(4)]
+    with pytest.raises(ValueError, match="1 row\\(s\\) have no image"):
+        _trainer(tiny, tmp_path, Dataset.from_list(rows))
+
+
+def test_video_inputs_are_refused(tiny, tmp_path):
+    with_video = image_question_dataset(4).add_column("videos", [["clip.mp4"]] * 4)
+    with pytest.raises(ValueError, match="supports image inputs only"):
+        _trainer(tiny, tmp_path, with_video)
+
+
+def test_iterable_dataset_is_refused(tiny, tmp_path):
+    with pytest.raises(ValueError, match="map-style `train_dataset`"):
+        _trainer(tiny, tmp_path, image_question_dataset(4).to_iterable_dataset())
+    assert IterableDataset  # the refused type
+
+
+def test_missing_teacher_and_tools_are_refused(tiny, tmp_path):
+    with pytest.raises(ValueError, match="needs a `teacher_model`"):
+        _trainer(tiny, tmp_path, teacher_model=None)
+
+    def lookup(x: int) -> int:
+        """Look up a value.
+
+        Args:
+            x: the key.
+        """
+        return x
+
+    with pytest.raises(ValueError, match="does not support `tools`"):
+        _trainer(tiny, tmp_path, tools=[lookup])
+
+
+def test_mismatched_vocabularies_are_refused(tiny, tmp_path):
+    other = build_processor("qwen3_vl", build_tokenizer(vocab_size=600))
+    with pytest.raises(ValueError, match="vocab_size"):
+        _trainer(tiny, tmp_path, teacher_model=build_model("qwen3_vl", other, "teacher"))
+
+
+def test_text_only_processing_class_is_refused(tiny, tmp_path):
+    with pytest.raises(ValueError, match="needs a multimodal processor"):
+        _trainer(tiny, tmp_path, processing_class=tiny[0].tokenizer)
+
+
+def test_plain_distillation_config_is_refused(tiny, tmp_path):
+    from trl import DistillationConfig
+
+    with pytest.raises(TypeError, match="needs a VAOPDConfig"):
+        _trainer(tiny, tmp_path, args=DistillationConfig(output_dir=str(tmp_path), use_cpu=True))
+
+
+def test_eval_batch_that_splits_sibling_groups_is_refused(tiny, tmp_path):
+    args = VAOPDConfig(
+        output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=4, per_device_eval_batch_size=2, bf16=False
+    )
+    with pytest.raises(ValueError, match="per_device_eval_batch_size=2"):
+        _trainer(tiny, tmp_path, args=args, eval_dataset=image_question_dataset(4))

@@ -1,0 +1,571 @@
+"""Tiny, random-initialised vision-language models built locally, with no download.
+
+The test suite, the examples, the notebook and the demo need real VLMs (the real ``transformers`` processor and
+``...ForConditionalGeneration`` classes, so that TRL's trainers exercise their true code paths) but cannot reach the
+Hugging Face Hub. This module builds everything from scratch in well under a second per model:
+
+* :func:`build_tokenizer` trains a small byte-level BPE tokenizer with the ``tokenizers`` library, carrying the special
+  tokens of every supported family and a ChatML chat template.
+* :func:`build_processor` wraps it in the family's real processor (``Qwen3VLProcessor``, ``Qwen2_5_VLProcessor``,
+  ``LlavaProcessor``) with image/video processors sized so a 32x32 image yields only a handful of visual tokens.
+* :func:`build_model` instantiates the family's real ``...ForConditionalGeneration`` class with a couple of layers,
+  tiny hidden sizes and a vocabulary equal to ``len(tokenizer)``; the ``"teacher"`` size is wider than the
+  ``"student"`` size but shares the vocabulary, as distillation requires.
+* :func:`build_tiny_vlm` / :func:`save_tiny_vlm` are conveniences; the latter writes a directory that
+  ``AutoModelForImageTextToText`` / ``AutoProcessor`` (and hence TRL, given a path string) reload offline.
+
+Every builder is deterministic from its ``seed``.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from transformers import (
+    CLIPVisionConfig,
+    GenerationConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaImageProcessor,
+    LlavaProcessor,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+    ProcessorMixin,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
+    Qwen2VLImageProcessor,
+    Qwen2VLVideoProcessor,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLProcessor,
+    Qwen3VLVideoProcessor,
+)
+
+__all__ = [
+    "LLAVA_CHAT_TEMPLATE",
+    "MODEL_SIZES",
+    "QWEN_CHAT_TEMPLATE",
+    "TINY_FAMILIES",
+    "build_model",
+    "build_processor",
+    "build_tiny_vlm",
+    "build_tokenizer",
+    "save_tiny_vlm",
+]
+
+#: Families this module can build. ``llava`` is the non-Qwen family: its processor needs only a tokenizer and a
+#: CLIP-style image processor (no Hub-only assets), its model returns ``last_hidden_state`` from ``model.base_model``
+#: given ``pixel_values``, and TRL's DistillationTrainer handles it with no family-specific inputs.
+TINY_FAMILIES: tuple[str, ...] = ("qwen3_vl", "qwen2_5_vl", "llava")
+
+#: Sizes accepted by :func:`build_model`.
+MODEL_SIZES: tuple[str, ...] = ("student", "teacher")
+
+# Special tokens. ChatML markers and the Qwen vision markers come first so their ids are small and stable; the Llava
+# image placeholder is added too so a single tokenizer (hence a single vocabulary) serves every family.
+ENDOFTEXT = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+VISION_START = "<|vision_start|>"
+VISION_END = "<|vision_end|>"
+IMAGE_PAD = "<|image_pad|>"
+VIDEO_PAD = "<|video_pad|>"
+LLAVA_IMAGE = "<image>"
+SPECIAL_TOKENS: tuple[str, ...] = (
+    ENDOFTEXT,
+    IM_START,
+    IM_END,
+    VISION_START,
+    VISION_END,
+    IMAGE_PAD,
+    VIDEO_PAD,
+    LLAVA_IMAGE,
+)
+
+
+def _chatml_template(image_placeholder: str, video_placeholder: str) -> str:
+    """ChatML (Qwen-style) Jinja template; only the image/video placeholders differ between families."""
+    # Written with explicit string literals and `-` whitespace control so no stray newline leaks into the render.
+    return (
+        "{%- for message in messages -%}"
+        "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+        "{%- if message['content'] is string -%}"
+        "{{- message['content'] -}}"
+        "{%- else -%}"
+        "{%- for part in message['content'] -%}"
+        "{%- if part['type'] == 'image' -%}"
+        "{{- '" + image_placeholder + "' -}}"
+        "{%- elif part['type'] == 'video' -%}"
+        "{{- '" + video_placeholder + "' -}}"
+        "{%- elif part['type'] == 'text' -%}"
+        "{{- part['text'] -}}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- endif -%}"
+        # Every turn, the assistant's included, ends with the eos token `<|im_end|>`.
+        "{{- '<|im_end|>\\n' -}}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}"
+        "{{- '<|im_start|>assistant\\n' -}}"
+        "{%- endif -%}"
+    )
+
+
+#: Chat template of the Qwen families: images render as ``<|vision_start|><|image_pad|><|vision_end|>``.
+QWEN_CHAT_TEMPLATE: str = _chatml_template(
+    VISION_START + IMAGE_PAD + VISION_END, VISION_START + VIDEO_PAD + VISION_END
+)
+#: Chat template of the Llava family: images render as the single ``<image>`` placeholder the processor expands.
+LLAVA_CHAT_TEMPLATE: str = _chatml_template(LLAVA_IMAGE, LLAVA_IMAGE)
+
+_CHAT_TEMPLATES: dict[str, str] = {
+    "qwen3_vl": QWEN_CHAT_TEMPLATE,
+    "qwen2_5_vl": QWEN_CHAT_TEMPLATE,
+    "llava": LLAVA_CHAT_TEMPLATE,
+}
+
+# Vision patch geometry per family, mirroring the real checkpoints (Qwen3-VL: 16, Qwen2.5-VL: 14, both merging 2x2
+# patches into one LLM token). Llava uses a CLIP tower; 16-pixel patches give 4 tokens for a 32x32 image.
+_PATCH_SIZE: dict[str, int] = {"qwen3_vl": 16, "qwen2_5_vl": 14, "llava": 16}
+_MERGE_SIZE = 2
+_TEMPORAL_PATCH_SIZE = 2
+
+# Width of each model size. Only the widths differ: the vocabulary is the tokenizer's for both, since distillation
+# compares full next-token distributions. A head dimension of 16 keeps the multimodal RoPE sections simple.
+_HEAD_DIM = 16
+_HIDDEN: dict[str, int] = {"student": 32, "teacher": 64}
+_NUM_LAYERS = 2
+_VISION_DEPTH = 2
+
+
+def _builtin_corpus() -> list[str]:
+    """Small deterministic English + arithmetic corpus, large enough to fill a ~512-token BPE vocabulary."""
+    sentences = [
+        "The quick brown fox jumps over the lazy dog.",
+        "What is the length? The length of the segment is shown in the image.",
+        "What number is shown? The number shown in the picture is seven.",
+        "Look at the image and answer the question with a single number.",
+        "A triangle has three sides and a square has four equal sides.",
+        "The red circle is to the left of the blue square.",
+        "Count the objects in the picture and write the total.",
+        "The answer is the sum of the two numbers.",
+        "First, read the question carefully. Then, reason step by step.",
+        "The area of a rectangle is its width times its height.",
+        "The perimeter of a square is four times the side length.",
+        "The student learns from the teacher by matching its predictions.",
+        "There are five apples and two oranges on the table.",
+        "The green line is longer than the yellow line.",
+        "Therefore, the final answer is given below.",
+        "The image shows a chart with bars of different heights.",
+        "Which shape is the largest? The largest shape is the circle.",
+        "How many dots are there? There are nine dots.",
+        "The angle between the two lines is ninety degrees.",
+        "Please describe the image in one short sentence.",
+    ]
+    words = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
+    lines = list(sentences)
+    # Arithmetic in both digits and words, so numbers and operators get their own merges.
+    for a in range(13):
+        for b in range(0, 13, 3):
+            lines.append(f"{a} + {b} = {a + b}")
+            lines.append(f"{a} * {b} = {a * b}")
+            lines.append(f"The length is {a * 10 + b} cm, so the answer is {a + b}.")
+    for i, w in enumerate(words):
+        lines.append(f"The number {w} is written as {i}.")
+        lines.append(f"{w.capitalize()} plus one is {words[(i + 1) % len(words)]}.")
+    return lines
+
+
+def build_tokenizer(
+    corpus: Iterable[str] | None = None, vocab_size: int = 512, seed: int = 0
+) -> PreTrainedTokenizerFast:
+    """Train a tiny byte-level BPE tokenizer usable by every family in :data:`TINY_FAMILIES`.
+
+    Args:
+        corpus: Training texts; a small built-in English/arithmetic corpus when ``None``.
+        vocab_size: Target vocabulary size, special tokens included (a small corpus may yield fewer tokens; the
+            byte-level alphabet alone is 256 tokens, so this must be larger than ~270).
+        seed: Accepted for API symmetry with the other builders. BPE training is deterministic, so the same corpus
+            and ``vocab_size`` always give the same tokenizer; the seed does not change the result.
+
+    Returns:
+        A ``PreTrainedTokenizerFast`` with ``<|im_end|>`` as eos, ``<|endoftext|>`` as pad, left padding, the Qwen
+        and Llava special tokens, and the ChatML chat template :data:`QWEN_CHAT_TEMPLATE`.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    del seed  # Deterministic by construction (see docstring).
+    texts = list(corpus) if corpus is not None else _builtin_corpus()
+    if vocab_size <= 256 + len(SPECIAL_TOKENS):
+        raise ValueError(f"vocab_size must exceed {256 + len(SPECIAL_TOKENS)} (byte alphabet + special tokens)")
+
+    # Byte-level BPE like Qwen's tokenizer: any string is encodable, so no unk token is needed.
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),  # first ids: 0 = <|endoftext|>, 1 = <|im_start|>, ...
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts, trainer=trainer)
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token=IM_END,
+        pad_token=ENDOFTEXT,
+        # A list (not a dict) so no `image_token` attribute is set on the tokenizer: the processors read it when
+        # present, and a Qwen one would make LlavaProcessor use `<|image_pad|>` instead of `<image>`.
+        extra_special_tokens=[t for t in SPECIAL_TOKENS if t not in (IM_END, ENDOFTEXT)],
+        padding_side="left",
+        model_max_length=4096,
+    )
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    return tokenizer
+
+
+def _check_family(family: str) -> None:
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"Unknown family {family!r}; expected one of {TINY_FAMILIES}")
+
+
+def _qwen_side(family: str, image_size: int) -> int:
+    """Side (a multiple of patch * merge) an ``image_size`` square is resized to; at least 2 merged tokens wide."""
+    factor = _PATCH_SIZE[family] * _MERGE_SIZE
+    return max(2, round(image_size / factor)) * factor
+
+
+def build_processor(
+    family: str,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    image_size: int = 32,
+    seed: int = 0,
+) -> ProcessorMixin:
+    """Build the family's real processor, configured for tiny images.
+
+    Args:
+        family: One of :data:`TINY_FAMILIES`.
+        tokenizer: Tokenizer to wrap; a fresh :func:`build_tokenizer` one when ``None``. For the Qwen families it is
+            used as is; for ``llava`` a copy is used, because that family needs its own chat template on the tokenizer
+            as well (both are saved to the same ``chat_template.jinja``).
+        image_size: Nominal image side. Qwen processors resize to ``2 * patch * merge`` pixels per side for 32 (so a
+            32x32 image gives 4 visual tokens) and never beyond twice that side; Llava resizes/crops to exactly
+            ``image_size`` (``(image_size // 16) ** 2`` visual tokens).
+        seed: Seed for the tokenizer built when ``tokenizer`` is ``None``.
+
+    Note:
+        The tokenizer's ``padding_side`` is set to ``"left"``, as TRL's generation requires.
+
+    Returns:
+        A ``Qwen3VLProcessor``, ``Qwen2_5_VLProcessor`` or ``LlavaProcessor`` whose ``chat_template`` renders image
+        parts with the family's placeholder, so ``processor.apply_chat_template(..., tokenize=True,
+        return_dict=True)`` works with PIL images in the messages.
+    """
+    _check_family(family)
+    if tokenizer is None:
+        tokenizer = build_tokenizer(seed=seed)
+    chat_template = _CHAT_TEMPLATES[family]
+    if tokenizer.chat_template != chat_template:
+        # Don't mutate the caller's (possibly shared) tokenizer; the copy keeps the same vocabulary and ids.
+        tokenizer = copy.deepcopy(tokenizer)
+        tokenizer.chat_template = chat_template
+    tokenizer.padding_side = "left"  # TRL generates from left-padded prompts
+
+    if family in ("qwen3_vl", "qwen2_5_vl"):
+        patch = _PATCH_SIZE[family]
+        side = _qwen_side(family, image_size)
+        # min_pixels (`shortest_edge`) upsamples small images to `side`; max_pixels (`longest_edge`) caps big ones at
+        # twice that side (16 visual tokens), keeping every sequence short.
+        image_processor = Qwen2VLImageProcessor(
+            size={"shortest_edge": side * side, "longest_edge": 4 * side * side},
+            patch_size=patch,
+            merge_size=_MERGE_SIZE,
+            temporal_patch_size=_TEMPORAL_PATCH_SIZE,
+        )
+        # Videos get the same tiny per-frame budget. `cap_pixels_per_frame=True` opts into the reference
+        # (qwen-vl-utils) per-frame cap that becomes transformers' default in v5.22, and silences its warning.
+        video_kwargs: dict[str, Any] = {
+            "patch_size": patch,
+            "merge_size": _MERGE_SIZE,
+            "temporal_patch_size": _TEMPORAL_PATCH_SIZE,
+            "min_frames": 2,
+            "max_frames": 8,
+            "cap_pixels_per_frame": True,
+            "max_video_tokens": 16,
+        }
+        if family == "qwen3_vl":
+            # Qwen3-VL's video budget counts pixels over all frames (t * h * w), Qwen2.5-VL's per frame (h * w).
+            video_processor = Qwen3VLVideoProcessor(
+                **video_kwargs,
+                size={"shortest_edge": _TEMPORAL_PATCH_SIZE * side * side, "longest_edge": 8 * 4 * side * side},
+            )
+            return Qwen3VLProcessor(
+                image_processor=image_processor,
+                tokenizer=tokenizer,
+                video_processor=video_processor,
+                chat_template=chat_template,
+            )
+        video_processor = Qwen2VLVideoProcessor(
+            **video_kwargs, size={"shortest_edge": side * side, "longest_edge": 4 * side * side}
+        )
+        return Qwen2_5_VLProcessor(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            video_processor=video_processor,
+            chat_template=chat_template,
+        )
+
+    # llava: CLIP-style resize + center crop to a fixed square, as llava-1.5 does at 336 px.
+    if image_size % _PATCH_SIZE["llava"]:
+        raise ValueError(f"llava needs an image_size that is a multiple of {_PATCH_SIZE['llava']}, got {image_size}")
+    image_processor = LlavaImageProcessor(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=_PATCH_SIZE["llava"],
+        # The CLIP tower prepends a CLS token (+1) that the "default" strategy drops again (-1).
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=chat_template,
+        image_token=LLAVA_IMAGE,
+    )
+
+
+def _split(processor_or_tokenizer: ProcessorMixin | PreTrainedTokenizerBase) -> tuple[Any, Any]:
+    """Return ``(tokenizer, processor_or_None)`` from either a processor or a bare tokenizer."""
+    if isinstance(processor_or_tokenizer, ProcessorMixin):
+        return processor_or_tokenizer.tokenizer, processor_or_tokenizer
+    return processor_or_tokenizer, None
+
+
+def _token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int:
+    """Id of a required special token, with a clear error for tokenizers not built by :func:`build_tokenizer`."""
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if token_id is None or token_id == tokenizer.unk_token_id:
+        raise ValueError(f"The tokenizer has no {token!r} token; build it with `build_tokenizer`.")
+    return token_id
+
+
+def _rope_heads(hidden: int) -> tuple[int, int]:
+    """(attention heads, key/value heads) for a given width: head_dim 16 and 2x grouped-query attention."""
+    heads = hidden // _HEAD_DIM
+    return heads, max(1, heads // 2)
+
+
+def _build_config(family: str, tokenizer: PreTrainedTokenizerBase, size: str, image_size: int) -> Any:
+    """Tiny config of the family's real ``...ForConditionalGeneration`` class for one model size."""
+    vocab = len(tokenizer)
+    hidden = _HIDDEN[size]
+    heads, kv_heads = _rope_heads(hidden)
+    # Qwen convention: `<|endoftext|>` is both bos (never prepended by the template) and pad; `<|im_end|>` is eos.
+    pad_id = bos_id = _token_id(tokenizer, ENDOFTEXT)
+    eos_id = _token_id(tokenizer, IM_END)
+    text_common: dict[str, Any] = {
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": 2 * hidden,
+        "num_hidden_layers": _NUM_LAYERS,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "max_position_embeddings": 4096,
+        "pad_token_id": pad_id,
+    }
+    vision_common: dict[str, Any] = {
+        "hidden_size": hidden,
+        "intermediate_size": 2 * hidden,
+        "num_heads": heads,
+        "depth": _VISION_DEPTH,
+        "patch_size": _PATCH_SIZE[family],
+        "spatial_merge_size": _MERGE_SIZE,
+        "temporal_patch_size": _TEMPORAL_PATCH_SIZE,
+        "out_hidden_size": hidden,  # the merger projects straight into the text width
+    }
+
+    if family == "qwen3_vl":
+        text_config = dict(
+            text_common,
+            head_dim=_HEAD_DIM,
+            # Interleaved multimodal RoPE over head_dim/2 = 8 frequency slots, in the real model's 24:20:20 spirit.
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 5_000_000.0,
+                "mrope_section": [4, 2, 2],
+                "mrope_interleaved": True,
+            },
+        )
+        # Deepstack taps intermediate vision layers (real: 8/16/24 of 27) and feeds them into the first decoder
+        # layers; with a 2-layer tower only layer 0 is intermediate, and it feeds decoder layer 0.
+        vision_config = dict(
+            vision_common,
+            hidden_act="gelu_pytorch_tanh",
+            num_position_embeddings=64,  # learned 8x8 position grid, bilinearly resampled to each image grid
+            deepstack_visual_indexes=[0],
+        )
+        config = Qwen3VLConfig(
+            text_config=text_config,
+            vision_config=vision_config,
+            image_token_id=_token_id(tokenizer, IMAGE_PAD),
+            video_token_id=_token_id(tokenizer, VIDEO_PAD),
+            vision_start_token_id=_token_id(tokenizer, VISION_START),
+            vision_end_token_id=_token_id(tokenizer, VISION_END),
+            tie_word_embeddings=False,
+        )
+    elif family == "qwen2_5_vl":
+        text_config = dict(
+            text_common,
+            bos_token_id=bos_id,
+            eos_token_id=eos_id,
+            # Sections split head_dim/2 = 8 frequency slots between (t, h, w), like the real 16:24:24.
+            rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [2, 3, 3]},
+        )
+        vision_config = dict(
+            vision_common,
+            hidden_act="silu",
+            # Windowed attention in 112-px windows (4x4 merged tokens), the last block global, as in the real tower.
+            window_size=112,
+            fullatt_block_indexes=[_VISION_DEPTH - 1],
+            tokens_per_second=2,
+        )
+        config = Qwen2_5_VLConfig(
+            text_config=text_config,
+            vision_config=vision_config,
+            image_token_id=_token_id(tokenizer, IMAGE_PAD),
+            video_token_id=_token_id(tokenizer, VIDEO_PAD),
+            vision_start_token_id=_token_id(tokenizer, VISION_START),
+            vision_end_token_id=_token_id(tokenizer, VISION_END),
+            tie_word_embeddings=False,
+        )
+    else:  # llava
+        text_config = LlamaConfig(
+            **text_common,
+            head_dim=_HEAD_DIM,
+            bos_token_id=bos_id,
+            eos_token_id=eos_id,
+            tie_word_embeddings=False,
+        )
+        vision_config = CLIPVisionConfig(
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=_VISION_DEPTH,
+            num_attention_heads=heads,
+            image_size=image_size,
+            patch_size=_PATCH_SIZE["llava"],
+            projection_dim=hidden,
+        )
+        num_image_tokens = (image_size // _PATCH_SIZE["llava"]) ** 2
+        config = LlavaConfig(
+            vision_config=vision_config,
+            text_config=text_config,
+            image_token_id=_token_id(tokenizer, LLAVA_IMAGE),
+            image_seq_length=num_image_tokens,
+            vision_feature_select_strategy="default",
+            # Last layer rather than llava-1.5's -2, so every vision parameter receives a gradient.
+            vision_feature_layer=-1,
+            projector_hidden_act="gelu",
+            tie_word_embeddings=False,
+        )
+
+    # Special ids on both the composite and the text config: generation reads the former, TRL the latter.
+    for cfg in (config, config.get_text_config()):
+        cfg.pad_token_id = pad_id
+        cfg.eos_token_id = eos_id
+        cfg.bos_token_id = bos_id
+    return config
+
+
+def build_model(
+    family: str,
+    processor_or_tokenizer: ProcessorMixin | PreTrainedTokenizerBase,
+    size: str = "student",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> PreTrainedModel:
+    """Build a tiny random model of the family's real ``...ForConditionalGeneration`` class.
+
+    Args:
+        family: One of :data:`TINY_FAMILIES`.
+        processor_or_tokenizer: The processor from :func:`build_processor` (preferred: the Llava vision tower is sized
+            from its crop size) or the bare tokenizer (Llava then assumes 32x32 images). The model vocabulary is
+            ``len(tokenizer)`` and the special token ids come from it.
+        size: ``"student"`` (hidden 32) or ``"teacher"`` (hidden 64); both 2 decoder layers and a 2-block vision
+            tower, and the same vocabulary.
+        seed: Weights are a pure function of ``(family, tokenizer, size, seed)``; the global RNG state is preserved.
+        dtype: Parameter dtype.
+
+    Returns:
+        The model, in eval mode, with ``generation_config`` eos (``<|im_end|>``, ``<|endoftext|>``), pad and bos set.
+    """
+    _check_family(family)
+    if size not in MODEL_SIZES:
+        raise ValueError(f"Unknown size {size!r}; expected one of {MODEL_SIZES}")
+    tokenizer, processor = _split(processor_or_tokenizer)
+    image_size = 32
+    if family == "llava" and processor is not None:
+        image_size = int(processor.image_processor.crop_size["height"])
+    config = _build_config(family, tokenizer, size, image_size)
+    model_cls = {
+        "qwen3_vl": Qwen3VLForConditionalGeneration,
+        "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
+        "llava": LlavaForConditionalGeneration,
+    }[family]
+
+    # Fork the RNG so seeding here neither depends on nor disturbs the caller's random state.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_cls(config)
+    model = model.to(dtype)
+    model.eval()
+
+    pad_id, eos_id = _token_id(tokenizer, ENDOFTEXT), _token_id(tokenizer, IM_END)
+    # Like Qwen instruct checkpoints: stop on end-of-turn or end-of-text.
+    model.generation_config = GenerationConfig(bos_token_id=pad_id, eos_token_id=[eos_id, pad_id], pad_token_id=pad_id)
+    return model
+
+
+def build_tiny_vlm(
+    family: str = "qwen3_vl",
+    size: str = "student",
+    seed: int = 0,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    image_size: int = 32,
+) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """Build ``(model, processor)`` for one family; pass the same ``tokenizer`` to get a student/teacher pair."""
+    processor = build_processor(family, tokenizer=tokenizer, image_size=image_size, seed=seed)
+    model = build_model(family, processor, size=size, seed=seed)
+    return model, processor
+
+
+def save_tiny_vlm(
+    directory: str | os.PathLike,
+    family: str = "qwen3_vl",
+    size: str = "student",
+    seed: int = 0,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    image_size: int = 32,
+) -> str:
+    """Build a tiny VLM and save model + processor to ``directory`` with ``save_pretrained``.
+
+    The directory reloads offline with ``AutoModelForImageTextToText.from_pretrained`` and
+    ``AutoProcessor.from_pretrained``, which is how TRL's trainers load a model given as a path string
+    (``trl.trainer.utils.create_model_from_path``).
+
+    Returns:
+        ``directory`` as a string.
+    """
+    model, processor = build_tiny_vlm(family, size=size, seed=seed, tokenizer=tokenizer, image_size=image_size)
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
