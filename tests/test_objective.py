@@ -65,7 +65,9 @@ def test_rollout_weights_reject_bad_settings(bad):
 
 
 def test_uniform_weights():
-    assert torch.allclose(uniform_rollout_weights([1, 1, 2, 1]), torch.tensor([1 / 3, 1 / 3, 1.0, 1 / 3], dtype=torch.float64))
+    assert torch.allclose(
+        uniform_rollout_weights([1, 1, 2, 1]), torch.tensor([1 / 3, 1 / 3, 1.0, 1 / 3], dtype=torch.float64)
+    )
 
 
 def test_high_group_takes_ceil_fraction_with_ties_broken_by_position():

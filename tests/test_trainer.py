@@ -207,14 +207,17 @@ def test_size_changing_custom_view_is_refused(processors, tmp_path):
         trainer.train()
 
 
-def test_lora_student_trains_adapter_only_and_reloads(processors, tmp_path):
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_lora_student_trains_adapter_only_and_reloads(processors, tmp_path, family):
     from peft import LoraConfig, PeftModel
 
-    processor = processors["qwen3_vl"]
+    processor = processors[family]
     trainer = VAOPDTrainer(
-        model=build_model("qwen3_vl", processor, "student"),
-        teacher_model=build_model("qwen3_vl", processor, "teacher", seed=1),
-        args=make_args(tmp_path, learning_rate=1e-2, max_steps=2),
+        model=build_model(family, processor, "student"),
+        teacher_model=build_model(family, processor, "teacher", seed=1),
+        args=make_args(
+            tmp_path, learning_rate=1e-2, max_steps=2, per_device_train_batch_size=4, gradient_accumulation_steps=2
+        ),
         train_dataset=image_question_dataset(8),
         processing_class=processor,
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
@@ -224,7 +227,7 @@ def test_lora_student_trains_adapter_only_and_reloads(processors, tmp_path):
     changed = {n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all("lora_" in n for n in changed)
     trainer.save_model(str(tmp_path / "adapter"))
-    reloaded = PeftModel.from_pretrained(build_model("qwen3_vl", processor, "student"), str(tmp_path / "adapter"))
+    reloaded = PeftModel.from_pretrained(build_model(family, processor, "student"), str(tmp_path / "adapter"))
     ids = torch.tensor([[5, 6, 7, 8]])
     trainer.model.eval()
     assert torch.allclose(reloaded(input_ids=ids).logits, trainer.model(input_ids=ids).logits, atol=1e-6)

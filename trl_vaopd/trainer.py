@@ -362,9 +362,11 @@ class VAOPDTrainer(DistillationTrainer):
         mode = "train" if self.model.training else "eval"
         batch = super()._generate_and_score_completions(inputs)
         counterfactual = self._counterfactual_batch(inputs, batch)
-        rows_per_call = (
+        micro_batch = (
             self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
         )
+        # Both views of half a micro-batch per call: the teacher holds as many rows at once as in the base trainer
+        rows_per_call = max(1, micro_batch // 2) if self.counterfactual_view.keeps_layout else micro_batch
         logp_original, logp_counterfactual, teacher_hidden = self._score_views(batch, counterfactual, rows_per_call)
         mask = batch["completion_mask"]
         va = visual_advantage(logp_original, logp_counterfactual, mask)
