@@ -58,7 +58,7 @@ DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer wit
 
 _HUB_IDS = {"geometry3k": "hiyouga/geometry3k", "virl39k": "TIGER-Lab/ViRL39K"}
 # Short names and Hub ids (compared case-insensitively) -> dataset format.
-_FORMAT_BY_NAME = {**{alias: alias for alias in _HUB_IDS}, **{hub_id.lower(): alias for alias, hub_id in _HUB_IDS.items()}}
+_FORMAT_BY_NAME = {**{alias: alias for alias in _HUB_IDS}, **{hub.lower(): alias for alias, hub in _HUB_IDS.items()}}
 # The ViRL39K repository also holds images.zip, which the automatic builder tries to read as data; the questions
 # live in this single file.
 _VIRL39K_DATA_FILE = "39Krelease.parquet"
