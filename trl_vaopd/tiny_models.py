@@ -48,6 +48,7 @@ from transformers import (
     Qwen3VLVideoProcessor,
 )
 
+
 __all__ = [
     "LLAVA_CHAT_TEMPLATE",
     "MODEL_SIZES",
@@ -357,6 +358,17 @@ def _token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int:
     return token_id
 
 
+def _qwen_token_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+    # Both Qwen families place their vision markers by these ids; untied heads as in the released models
+    return {
+        "image_token_id": _token_id(tokenizer, IMAGE_PAD),
+        "video_token_id": _token_id(tokenizer, VIDEO_PAD),
+        "vision_start_token_id": _token_id(tokenizer, VISION_START),
+        "vision_end_token_id": _token_id(tokenizer, VISION_END),
+        "tie_word_embeddings": False,
+    }
+
+
 def _rope_heads(hidden: int) -> tuple[int, int]:
     """(attention heads, key/value heads) for a given width: head_dim 16 and 2x grouped-query attention."""
     heads = hidden // _HEAD_DIM
@@ -412,15 +424,7 @@ def _build_config(family: str, tokenizer: PreTrainedTokenizerBase, size: str, im
             num_position_embeddings=64,  # learned 8x8 position grid, bilinearly resampled to each image grid
             deepstack_visual_indexes=[0],
         )
-        config = Qwen3VLConfig(
-            text_config=text_config,
-            vision_config=vision_config,
-            image_token_id=_token_id(tokenizer, IMAGE_PAD),
-            video_token_id=_token_id(tokenizer, VIDEO_PAD),
-            vision_start_token_id=_token_id(tokenizer, VISION_START),
-            vision_end_token_id=_token_id(tokenizer, VISION_END),
-            tie_word_embeddings=False,
-        )
+        config = Qwen3VLConfig(text_config=text_config, vision_config=vision_config, **_qwen_token_ids(tokenizer))
     elif family == "qwen2_5_vl":
         text_config = dict(
             text_common,
@@ -437,15 +441,7 @@ def _build_config(family: str, tokenizer: PreTrainedTokenizerBase, size: str, im
             fullatt_block_indexes=[_VISION_DEPTH - 1],
             tokens_per_second=2,
         )
-        config = Qwen2_5_VLConfig(
-            text_config=text_config,
-            vision_config=vision_config,
-            image_token_id=_token_id(tokenizer, IMAGE_PAD),
-            video_token_id=_token_id(tokenizer, VIDEO_PAD),
-            vision_start_token_id=_token_id(tokenizer, VISION_START),
-            vision_end_token_id=_token_id(tokenizer, VISION_END),
-            tie_word_embeddings=False,
-        )
+        config = Qwen2_5_VLConfig(text_config=text_config, vision_config=vision_config, **_qwen_token_ids(tokenizer))
     else:  # llava
         text_config = LlamaConfig(
             **text_common,
