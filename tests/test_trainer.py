@@ -251,3 +251,19 @@ def test_checkpoint_and_resume(processors, tmp_path):
     resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
     assert resumed.state.global_step == 2
     assert torch.isfinite(torch.tensor(resumed.state.log_history[-2]["loss"]))
+
+
+def test_evaluation_scores_complete_sibling_groups(processors, tmp_path):
+    processor = processors["qwen3_vl"]
+    trainer = VAOPDTrainer(
+        model=build_model("qwen3_vl", processor, "student"),
+        teacher_model=build_model("qwen3_vl", processor, "teacher", seed=1),
+        args=make_args(tmp_path, learning_rate=1e-3, per_device_eval_batch_size=4),
+        train_dataset=image_question_dataset(8),
+        eval_dataset=image_question_dataset(3),
+        processing_class=processor,
+    )
+    metrics = trainer.evaluate()
+    # 3 prompts x 4 siblings, one prompt per eval batch of 4 rollouts
+    assert metrics["eval_weights/max"] > 0.25 > metrics["eval_weights/min"] > 0
+    assert metrics["eval_va/mean"] > 0 and metrics["eval_loss"] > 0

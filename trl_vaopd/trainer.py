@@ -448,8 +448,9 @@ class VAOPDTrainer(DistillationTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         output = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        # Gathered here, outside the wrapped forward, like the base's entropy metric
-        sums = self.accelerator.gather_for_metrics(self._kl_group_sums).view(-1, 4).sum(dim=0)
+        # Gathered here, outside the wrapped forward, like the base's entropy metric. A plain gather: in evaluation,
+        # gather_for_metrics would trim this 4-vector as if its entries were samples of the last batch
+        sums = self.accelerator.gather(self._kl_group_sums).view(-1, 4).sum(dim=0)
         mode = "train" if self.model.training else "eval"
         self._metrics[mode]["kl/high"].append((sums[0] / sums[1].clamp(min=1)).item())
         self._metrics[mode]["kl/low"].append((sums[2] / sums[3].clamp(min=1)).item())
