@@ -30,7 +30,9 @@ def test_config_rejects_out_of_range_settings(tmp_path, setting, value, message)
 
 
 def test_config_rejects_generation_batch_that_splits_sibling_groups(tmp_path):
-    with pytest.raises(ValueError, match=r"per_device_train_batch_size=2 x 1 processes x gradient_accumulation_steps=1"):
+    with pytest.raises(
+        ValueError, match=r"per_device_train_batch_size=2 x 1 processes x gradient_accumulation_steps=1"
+    ):
         VAOPDConfig(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=2, num_generations=4)
 
 
@@ -39,7 +41,12 @@ def test_config_defaults_follow_the_paper(tmp_path):
     assert (args.num_generations, args.temperature, args.top_p, args.beta) == (4, 0.7, 0.95, 1.0)
     assert args.divergence_temperature == 1.0
     assert (args.counterfactual_view, args.pixelate_ratio) == ("pixelate", 0.1)
-    assert (args.va_high_fraction, args.va_high_weight, args.va_weight_temperature, args.va_eps) == (0.2, 0.5, 1.0, 1e-6)
+    assert (args.va_high_fraction, args.va_high_weight, args.va_weight_temperature, args.va_eps) == (
+        0.2,
+        0.5,
+        1.0,
+        1e-6,
+    )
     assert args.rollout_weighting and args.token_grouping
 
 

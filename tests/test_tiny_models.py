@@ -6,6 +6,7 @@ Everything is built locally (no Hub access), so the whole file runs in well unde
 import math
 import os
 
+
 # The builders never touch the Hub; make any accidental download fail fast instead of hanging.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -24,6 +25,7 @@ from trl_vaopd.tiny_models import (
     build_tokenizer,
     save_tiny_vlm,
 )
+
 
 QWEN_SPECIALS = [
     "<|im_start|>",

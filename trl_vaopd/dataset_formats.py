@@ -49,6 +49,7 @@ __all__ = [
     "format_geometry3k",
     "format_virl39k",
     "load_vaopd_dataset",
+    "row_images",
     "validate_vaopd_dataset",
 ]
 
@@ -348,6 +349,13 @@ def _rows_without_images(dataset: Dataset, column: str) -> list[int]:
     else:
         missing = pc.is_null(values)
     return pc.indices_nonzero(missing).to_pylist()
+
+
+def row_images(row: dict[str, Any]) -> list[Image.Image]:
+    """The images of one trainer-format row, from its `images` list or its single `image` (TRL accepts both)."""
+    if row.get("images") is not None:
+        return list(row["images"])
+    return [row["image"]] if row.get("image") is not None else []
 
 
 def validate_vaopd_dataset(dataset: Dataset) -> None:

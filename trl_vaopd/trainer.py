@@ -32,7 +32,7 @@ from trl.trainer.utils import (
 
 from .chunked import OutputHead, per_token_divergence, token_logprobs
 from .config import VAOPDConfig
-from .dataset_formats import validate_vaopd_dataset
+from .dataset_formats import row_images, validate_vaopd_dataset
 from .objective import (
     high_va_mask,
     rollout_weights,
@@ -63,12 +63,6 @@ _TEACHER_HIDDEN = "teacher_hidden_states"
 _COEFFICIENTS = "vaopd_coefficients"
 _HIGH_MASK = "vaopd_high_mask"
 _NUM_PROMPTS = "vaopd_num_prompts"
-
-
-def _row_images(row: dict[str, Any]) -> list[Image.Image]:
-    if row.get("images") is not None:
-        return list(row["images"])
-    return [row["image"]] if row.get("image") is not None else []
 
 
 def _slice_rows(batch: dict[str, Any], start: int, end: int) -> dict[str, Any]:
@@ -258,7 +252,7 @@ class VAOPDTrainer(DistillationTrainer):
         rows = [copy.deepcopy(x["prompt"]) for x in inputs]
         if view.keeps_layout:
             prompts = [
-                prepare_multimodal_messages(prompt, images=[view(img) for img in _row_images(x)])
+                prepare_multimodal_messages(prompt, images=[view(img) for img in row_images(x)])
                 for prompt, x in zip(rows, inputs, strict=True)
             ]
         else:
