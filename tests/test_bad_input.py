@@ -36,6 +36,12 @@ def test_config_rejects_generation_batch_that_splits_sibling_groups(tmp_path):
         VAOPDConfig(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=2, num_generations=4)
 
 
+def test_config_refuses_vllm_where_it_cannot_run(tmp_path):
+    # vLLM is not installed here, and this machine has no GPU: either way the config names the setting
+    with pytest.raises((ImportError, ValueError), match="use_vllm=True needs"):
+        VAOPDConfig(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=4, use_vllm=True)
+
+
 def test_config_defaults_follow_the_paper(tmp_path):
     args = VAOPDConfig(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=4)
     assert (args.num_generations, args.temperature, args.top_p, args.beta) == (4, 0.7, 0.95, 1.0)

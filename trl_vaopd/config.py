@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from trl import DistillationConfig
+from trl.import_utils import is_vllm_available
 
 from .views import VIEW_NAMES
 
@@ -140,6 +142,19 @@ class VAOPDConfig(DistillationConfig):
                 f"{self.counterfactual_view!r}. For a custom view, pass a callable image -> image as the trainer's "
                 "`counterfactual_view` argument."
             )
+        if self.use_vllm:
+            # Refused here rather than after both models are loaded: colocated vLLM runs its engine on the training
+            # GPUs and server mode syncs weights over NCCL, so both need vLLM and CUDA
+            if not is_vllm_available():
+                raise ImportError(
+                    "VAOPDConfig.use_vllm=True needs vLLM: pip install 'trl_vaopd[vllm]'. Or set use_vllm=False to "
+                    "sample rollouts with transformers' generate (the two-view teacher scoring is the same)."
+                )
+            if self.use_cpu or not torch.cuda.is_available():
+                raise ValueError(
+                    "VAOPDConfig.use_vllm=True needs CUDA GPUs (vLLM's colocated engine and the server's weight sync "
+                    "run on GPU); set use_vllm=False on CPU."
+                )
         generation_batch = self.per_device_train_batch_size * self.world_size * self.gradient_accumulation_steps
         if generation_batch % self.num_generations:
             raise ValueError(

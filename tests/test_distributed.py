@@ -1,0 +1,496 @@
+"""Scale-out: real multi-process VA-OPD runs on CPU (two gloo ranks) under `accelerate launch`.
+
+- DDP: rollout weights, coefficients, the logged loss and the parameter update of a 2-process step equal METHOD.md's
+  objective recomputed in float64 from full logits over the whole generation batch, with a prompt's siblings split
+  across ranks and micro-batches;
+- DeepSpeed ZeRO-3 with a LoRA student: the sharded teacher's visual advantages equal an unsharded teacher's on the
+  same rollouts, and the adapter (only) trains, its update again minus the reference gradient;
+- the example script with its YAML recipe, alone and under each accelerate config (DDP, ZeRO-2, ZeRO-3);
+- QLoRA (`--load_in_4bit --use_peft`) through the example script, and two-view scoring of rollouts from any generator (the vLLM guard lives in
+  test_bad_input.py).
+
+Every launch builds tiny models locally (`trl_vaopd.tiny_models`); nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import noise_image
+
+from trl_vaopd.objective import rollout_weights, token_coefficients, visual_advantage
+from trl_vaopd.tiny_models import build_model, build_processor, build_tokenizer
+from trl_vaopd.views import pixelate
+
+
+REPO = Path(__file__).resolve().parents[1]
+RUN_SCRIPT = REPO / "tests" / "scripts" / "vaopd_distributed_run.py"
+EXAMPLE = REPO / "examples" / "train_vaopd.py"
+ACCELERATE_CONFIGS = REPO / "examples" / "accelerate_configs"
+TINY_RECIPE = REPO / "examples" / "recipes" / "tiny_cpu.yaml"
+# LoRA of the helper script's `--lora` run
+LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+VA_METRICS = ("va/mean", "va/top10_share", "va/high_group_share", "weights/max", "weights/min", "kl/high", "kl/low")
+
+
+# ---------------------------------------------------------------------------------------------------------- launching
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(cmd: list, cwd: Path = REPO, timeout: int = 600) -> str:
+    """Run a command on CPU, offline; fail with the tail of its output unless it exits 0. Returns the output."""
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+        "MASTER_PORT": str(free_port()),
+        "PYTHONUNBUFFERED": "1",
+    }
+    cmd = [str(c) for c in cmd]
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"{' '.join(cmd)} exited with {proc.returncode}:\n{output[-6000:]}"
+    return output
+
+
+def accelerate_launch(*args, config: str | None = None) -> list:
+    """`accelerate launch` with two processes and no mixed precision (CPU), from a config file or `--multi_gpu`."""
+    launcher = [sys.executable, "-m", "accelerate.commands.launch"]
+    setup = ["--config_file", ACCELERATE_CONFIGS / config] if config else ["--multi_gpu"]
+    return [
+        *launcher,
+        *setup,
+        "--num_processes",
+        2,
+        "--mixed_precision",
+        "no",
+        "--main_process_port",
+        free_port(),
+        *args,
+    ]
+
+
+def launch_run(tmp_path: Path, *args, config: str | None = None) -> dict:
+    out = tmp_path / "run.pt"
+    run(accelerate_launch(RUN_SCRIPT, "--out", out, "--output_dir", tmp_path / "out", *args, config=config))
+    return torch.load(out, weights_only=False)
+
+
+# ---------------------------------------------------------------------------------------------------------- reference
+def _rows(batch: dict) -> list[dict]:
+    """Rollouts of a batch: valid prompt ids, valid completion ids, and the row's index in the batch."""
+    rows = []
+    for i, (p, pm, c, cm) in enumerate(
+        zip(batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"], batch["completion_mask"], strict=True)
+    ):
+        rows.append({"prompt": p[pm.bool()], "completion": c[cm.bool()], "index": i})
+    return rows
+
+
+def _key(row: dict) -> tuple:
+    return tuple(row["prompt"].tolist()), tuple(row["completion"].tolist())
+
+
+def generation_batch(result: dict) -> list[dict]:
+    """The whole generation batch in sampling order (rank 0's rollouts, then rank 1's), as the teacher scored it."""
+    rows = []
+    for rank, data in enumerate(result["ranks"]):
+        (scored,) = data["scored"]  # one generation per run
+        for row in _rows(scored):
+            row.update(rank=rank, scored=scored)
+            rows.append(row)
+    return rows
+
+
+def load_student(before: dict[str, torch.Tensor], processor, lora: bool) -> torch.nn.Module:
+    """The student as it was before the run's step: the tiny model (+ the same LoRA) holding the run's weights."""
+    student = build_model("qwen3_vl", processor, "student", seed=0)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        student = get_peft_model(student, LoraConfig(**LORA))
+    params = dict(student.named_parameters())
+    assert params.keys() == before.keys()
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(before[name])
+    return student.double()
+
+
+def reference(result: dict, lora: bool = False) -> dict:
+    """METHOD.md's VA, weights, coefficients, loss L and dL/dtheta over the run's whole generation batch.
+
+    Independent of the trainer's scoring path: float64 models, full `.logits` of one rollout at a time, the images and
+    their pixelated views processed here from the dataset's images, groups by prompt.
+    """
+    processor = build_processor("qwen3_vl", build_tokenizer())
+    tokenizer = processor.tokenizer
+    image_token = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    teacher = build_model("qwen3_vl", processor, "teacher", seed=1).double()
+    student = load_student(result["before"], processor, lora)
+    rows = generation_batch(result)
+
+    def logits(model, row, image):
+        ids = torch.cat([row["prompt"], row["completion"]]).unsqueeze(0)
+        vision = processor.image_processor(images=[image], return_tensors="pt")
+        out = model(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            pixel_values=vision["pixel_values"].double(),
+            image_grid_thw=vision["image_grid_thw"],
+            mm_token_type_ids=(ids == image_token).long(),
+        )
+        start = row["prompt"].numel() - 1
+        return out.logits[0, start : start + row["completion"].numel()].double()
+
+    def token_logp(lg, row):
+        return torch.log_softmax(lg, -1).gather(-1, row["completion"].unsqueeze(-1)).squeeze(-1)
+
+    n_max = max(row["completion"].numel() for row in rows)
+    va = torch.zeros(len(rows), n_max, dtype=torch.float64)
+    mask = torch.zeros(len(rows), n_max, dtype=torch.long)
+    teacher_logits, groups = [], []
+    for i, row in enumerate(rows):
+        picture = int(re.search(r"picture (\d+)", tokenizer.decode(row["prompt"])).group(1))
+        row["picture"] = picture
+        groups.append(picture)
+        image = noise_image(picture)
+        n = row["completion"].numel()
+        with torch.no_grad():
+            original = logits(teacher, row, image)
+            counterfactual = logits(teacher, row, pixelate(image))
+        teacher_logits.append(original)
+        mask[i, :n] = 1
+        va[i, :n] = visual_advantage(token_logp(original, row), token_logp(counterfactual, row), mask[i, :n])
+    mean_va = va.sum(1) / mask.sum(1).clamp(min=1)
+    weights = rollout_weights(mean_va, groups)
+    coefficients = token_coefficients(va, mask, weights, high_fraction=0.2, high_weight=0.5)
+
+    loss = torch.zeros((), dtype=torch.float64)
+    for i, row in enumerate(rows):
+        n = row["completion"].numel()
+        log_ps = torch.log_softmax(logits(student, row, noise_image(row["picture"])), -1)
+        log_pt = torch.log_softmax(teacher_logits[i], -1)
+        kl = (log_ps.exp() * (log_ps - log_pt)).sum(-1)
+        loss = loss + (coefficients[i, :n] * kl).sum()
+    loss = loss / len(set(groups))
+    loss.backward()
+    grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in student.named_parameters()}
+    return {
+        "rows": rows,
+        "va": va,
+        "weights": weights,
+        "coefficients": coefficients,
+        "loss": loss.item(),
+        "grads": grads,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------- checks
+def assert_batch_is_complete_sibling_groups(rows: list[dict], split_across_ranks: bool) -> None:
+    pictures = [row["picture"] for row in rows]
+    groups = [pictures[i : i + 4] for i in range(0, len(pictures), 4)]
+    assert all(len(set(g)) == 1 for g in groups) and len({g[0] for g in groups}) == len(groups), pictures
+    spans = [{row["rank"] for row in rows[i : i + 4]} for i in range(0, len(rows), 4)]
+    assert any(len(s) > 1 for s in spans) == split_across_ranks, spans
+
+
+def assert_va_matches(result: dict, ref: dict, atol: float = 1e-5) -> None:
+    """The trainer's per-token VA (its teacher's log-probs of both views, as scored in the run) equals the reference."""
+    for i, row in enumerate(ref["rows"]):
+        scored, j, n = row["scored"], row["index"], row["completion"].numel()
+        trainer_va = visual_advantage(
+            scored["logp_original"][j], scored["logp_counterfactual"][j], scored["completion_mask"][j]
+        )
+        assert scored["completion_mask"][j].sum() == n
+        torch.testing.assert_close(trainer_va[:n].double(), ref["va"][i, :n], rtol=0, atol=atol)
+    assert ref["va"].max() > 0
+
+
+def assert_coefficients_match(result: dict, ref: dict) -> None:
+    """Every rollout the loss consumed (shuffled micro-batches of every rank) carries the reference's coefficients."""
+    expected: dict[tuple, list[torch.Tensor]] = {}
+    for i, row in enumerate(ref["rows"]):
+        expected.setdefault(_key(row), []).append(ref["coefficients"][i, : row["completion"].numel()])
+    consumed = 0
+    for data in result["ranks"]:
+        for batch in data["micro_batches"]:
+            for row in _rows(batch):
+                candidates = expected[_key(row)]
+                got = batch["vaopd_coefficients"][row["index"], : row["completion"].numel()].double()
+                assert any(torch.allclose(got, c, rtol=1e-4, atol=1e-8) for c in candidates), (got, candidates)
+                consumed += 1
+    assert consumed == len(ref["rows"])
+    # Weights of each prompt's siblings sum to one over the whole generation batch
+    pictures = torch.tensor([row["picture"] for row in ref["rows"]])
+    for picture in pictures.unique():
+        assert ref["weights"][pictures == picture].sum().item() == pytest.approx(1.0)
+    assert ref["weights"].max() > ref["weights"].min()  # not uniform: the weighting matters here
+
+
+def assert_update_is_minus_gradient(result: dict, ref: dict, lr: float, names=None) -> None:
+    """SGD with lr and no clipping: after - before == -lr * dL/dtheta, for every (trainable) parameter."""
+    eps = torch.finfo(torch.float32).eps
+    names = names if names is not None else result["before"].keys()
+    total_err, total_norm = 0.0, 0.0
+    for name in names:
+        before, after = result["before"][name].double(), result["after"][name].double()
+        expected = -lr * ref["grads"][name]
+        # float32 storage rounds the update at the parameter's own scale
+        atol = 4 * eps * before.abs().max().item() + 1e-4 * expected.abs().max().item()
+        torch.testing.assert_close(
+            after - before, expected, rtol=1e-4, atol=atol, msg=lambda m, name=name: f"{name}: {m}"
+        )
+        total_err += (after - before - expected).square().sum().item()
+        total_norm += expected.square().sum().item()
+    assert total_norm > 0
+    assert (total_err / total_norm) ** 0.5 < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------------------- tests
+def test_two_process_step_equals_method_objective_on_whole_generation_batch(tmp_path):
+    # 2 rollouts per micro-batch x 3 accumulation steps x 2 processes = 12 rollouts = 3 prompts x 4 siblings: the
+    # middle prompt's siblings sit on both ranks, the others span micro-batches of one rank
+    result = launch_run(tmp_path, "--per_device", "2", "--accumulation", "3")
+    assert result["world_size"] == 2 and result["distributed_type"] == "DistributedType.MULTI_CPU"
+    ref = reference(result)
+    assert_batch_is_complete_sibling_groups(ref["rows"], split_across_ranks=True)
+    assert len({row["completion"].numel() for row in ref["rows"]}) > 1  # varied lengths: masks matter
+    assert_va_matches(result, ref)
+    assert_coefficients_match(result, ref)
+    logs = result["log_history"][0]
+    assert logs["loss"] == pytest.approx(ref["loss"], rel=1e-4)
+    assert_update_is_minus_gradient(result, ref, lr=1.0)
+    for key in VA_METRICS:
+        assert key in logs, key
+    assert logs["weights/max"] == pytest.approx(ref["weights"].max().item(), rel=1e-4)
+    assert logs["weights/min"] == pytest.approx(ref["weights"].min().item(), rel=1e-4)
+
+
+@pytest.fixture(scope="module")
+def zero3_lora_run(tmp_path_factory):
+    """One ZeRO-3 run with a LoRA student, shared by the two tests below, and its unsharded float64 reference."""
+    tmp_path = tmp_path_factory.mktemp("zero3_lora")
+    result = launch_run(tmp_path, "--per_device", "2", "--accumulation", "3", "--lora", config="deepspeed_zero3.yaml")
+    return result, reference(result, lora=True)
+
+
+def test_zero3_sharded_teacher_gives_the_unsharded_visual_advantage(zero3_lora_run):
+    result, ref = zero3_lora_run  # the reference scores the run's rollouts with an unsharded teacher
+    assert result["world_size"] == 2 and result["distributed_type"] == "DistributedType.DEEPSPEED"
+    # TRL's prepare_deepspeed partitioned the teacher: each of the 2 processes holds about half of it
+    sharding = result["teacher_sharding"]
+    assert sharding["local_numel"] < 0.6 * sharding["numel"], sharding
+    assert torch.isfinite(torch.tensor(result["log_history"][0]["loss"]))
+    assert_batch_is_complete_sibling_groups(ref["rows"], split_across_ranks=True)
+    assert_va_matches(result, ref)
+    assert_coefficients_match(result, ref)
+
+
+def test_lora_student_with_zero3_teacher_trains_the_adapter_only(zero3_lora_run):
+    result, ref = zero3_lora_run
+    assert result["trainable"] and all("lora_" in name for name in result["trainable"])
+    changed = {n for n in result["before"] if not torch.equal(result["before"][n], result["after"][n])}
+    assert changed == set(result["trainable"])  # every adapter matrix moved, no base weight did
+    # The sharded step is minus the gradient of L over the whole generation batch, as without sharding
+    assert result["log_history"][0]["loss"] == pytest.approx(ref["loss"], rel=1e-4)
+    assert_update_is_minus_gradient(result, ref, lr=1.0, names=result["trainable"])
+
+
+# ---------------------------------------------------------------------------------------------------------- example
+def printed_summary(output: str) -> dict[str, float]:
+    """The metrics `examples/train_vaopd.py` prints at the end of a run."""
+    assert "VA-OPD finished after" in output, output[-4000:]
+    tail = output[output.rindex("VA-OPD finished after") :]
+    return {m.group(1): float(m.group(2)) for m in re.finditer(r"^\s+(\S+)\s+(\S+)$", tail, re.MULTILINE)}
+
+
+def assert_sane_summary(summary: dict[str, float]) -> None:
+    for key in ("loss", *VA_METRICS):
+        assert key in summary and torch.isfinite(torch.tensor(summary[key])), (key, summary)
+    assert summary["loss"] > 0 and summary["va/mean"] > 0
+    assert 0 < summary["weights/min"] <= 0.25 <= summary["weights/max"] < 1
+
+
+def load_example():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_vaopd_example", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_example_without_arguments_runs_the_builtin_tiny_demo(tmp_path):
+    # Exactly the README's command, from a scratch directory (it writes under ./trl_vaopd_outputs)
+    output = run([sys.executable, EXAMPLE], cwd=tmp_path)
+    assert "VA-OPD finished after 4 steps" in output
+    assert_sane_summary(printed_summary(output))
+    assert (tmp_path / "trl_vaopd_outputs" / "tiny-vaopd").is_dir()
+
+
+@pytest.mark.parametrize("launcher", ["python", "multi_gpu.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml"])
+def test_example_with_tiny_recipe(tmp_path, launcher):
+    args = [EXAMPLE, "--config", TINY_RECIPE, "--output_dir", tmp_path / "out"]
+    if launcher == "python":
+        output = run([sys.executable, *args])
+    else:
+        output = run(accelerate_launch(*args, config=launcher))
+        # Both processes trained: each logs its own progress bar, the main process alone prints the summary
+        assert output.count("VA-OPD finished after") == 1
+    assert "VA-OPD finished after 2 steps" in output
+    assert_sane_summary(printed_summary(output))
+
+
+def test_paper_recipe_parses_to_the_published_settings():
+    example = load_example()
+    # The recipe asks for bf16, which a CPU-only machine refuses: only the precision is overridden here
+    script_args, args, model_args = example.parse_args(
+        ["--config", str(REPO / "examples/recipes/qwen3_vl_8b_to_2b_geometry3k.yaml"), "--bf16", "false", "--use_cpu"]
+    )
+    assert (model_args.model_name_or_path, args.teacher_model_name_or_path) == (
+        "Qwen/Qwen3-VL-2B-Instruct",
+        "Qwen/Qwen3-VL-8B-Instruct",
+    )
+    assert script_args.dataset_name == "geometry3k" and not script_args.tiny
+    assert (script_args.image_min_pixels, script_args.image_max_pixels) == (262144, 4194304)
+    # 16 prompts x 4 responses per step on 8 GPUs, no accumulation
+    assert args.per_device_train_batch_size * 8 * args.gradient_accumulation_steps == 16 * args.num_generations == 64
+    expected = dict(
+        num_generations=4, gradient_accumulation_steps=1, num_train_epochs=5, learning_rate=1e-6, adam_beta1=0.9,
+        adam_beta2=0.95, weight_decay=0.1, lr_scheduler_type="cosine", warmup_steps=0.05, max_grad_norm=1.0,
+        temperature=0.7, top_p=0.95, max_completion_length=4096, beta=1.0, divergence_temperature=1.0,
+        counterfactual_view="pixelate", pixelate_ratio=0.1, va_weight_temperature=1.0, va_eps=1e-6,
+        va_high_fraction=0.2, va_high_weight=0.5, rollout_weighting=True, token_grouping=True,
+    )  # fmt: skip
+    assert {k: getattr(args, k) for k in expected} == expected
+    assert args.optim == "adamw_torch" and model_args.dtype == "bfloat16"
+
+
+def test_example_loads_models_and_dataset_by_path(tmp_path):
+    # The non-tiny path: student, teacher and processor by path, a local Geometry3K-style file, the model saved
+    from datasets import Dataset
+
+    from trl_vaopd.tiny_models import save_tiny_vlm
+
+    student = save_tiny_vlm(tmp_path / "student", size="student", seed=0)
+    teacher = save_tiny_vlm(tmp_path / "teacher", size="teacher", seed=1)
+    data = tmp_path / "geometry3k_train.parquet"
+    rows = [
+        {"images": [noise_image(i)], "problem": f"<image>Find x in figure {i}.", "answer": str(i)} for i in range(8)
+    ]
+    Dataset.from_list(rows).to_parquet(str(data))
+    example = load_example()
+    argv = ["--config", str(TINY_RECIPE), "--tiny", "false", "--output_dir", str(tmp_path / "out"), "--max_steps", "1"]
+    argv += ["--model_name_or_path", student, "--teacher_model_name_or_path", teacher, "--dataset_name", str(data)]
+    trainer = example.main(*example.parse_args(argv))
+    assert trainer.train_dataset.num_rows == 8 and "answer" in trainer.train_dataset.column_names
+    assert trainer.processing_class.tokenizer.padding_side == "left"
+    assert torch.isfinite(torch.tensor(trainer.state.log_history[0]["loss"]))
+    for name in ("config.json", "model.safetensors", "processor_config.json"):
+        assert (tmp_path / "out" / name).is_file(), name
+
+
+# ---------------------------------------------------------------------------------------------------------- QLoRA
+def test_qlora_flags_quantize_the_student_only_and_train_the_adapter(tmp_path):
+    from peft import LoraConfig
+    from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
+    from trl import get_peft_config, get_quantization_config
+
+    example = load_example()
+    argv = ["--config", str(TINY_RECIPE), "--output_dir", str(tmp_path), "--max_steps", "1"]
+    argv += ["--load_in_4bit", "--use_peft", "--lora_r", "4", "--lora_alpha", "8"]
+    script_args, training_args, model_args = example.parse_args(argv)
+    # The configuration path: ModelConfig flags -> BitsAndBytesConfig (4-bit NF4) and a LoRA config
+    quantization = get_quantization_config(model_args)
+    assert isinstance(quantization, BitsAndBytesConfig) and quantization.load_in_4bit
+    assert quantization.bnb_4bit_quant_type == "nf4"
+    assert isinstance(get_peft_config(model_args), LoraConfig)
+
+    bnb = pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes (the `qlora` extra)")
+    if not torch.cuda.is_available():
+        # bitsandbytes runs 4-bit layers on CPU only in its recent multi-backend releases: try it on the tiny student
+        student_path, _ = example.tiny_model_paths(script_args, training_args)
+        try:
+            probe = AutoModelForImageTextToText.from_pretrained(student_path, quantization_config=quantization)
+            probe(input_ids=torch.tensor([[5, 6, 7]])).logits.sum().item()
+        except Exception as error:  # noqa: BLE001 - the reason is reported verbatim
+            pytest.skip(
+                f"no GPU, and bitsandbytes {bnb.__version__} cannot run 4-bit layers on this CPU: "
+                f"{type(error).__name__}: {error}"
+            )
+    trainer = example.main(script_args, training_args, model_args)
+    base = trainer.model.get_base_model()
+    assert base.is_loaded_in_4bit
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in base.modules())
+    teacher = trainer.accelerator.unwrap_model(trainer.teacher_model)
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in teacher.modules())  # the teacher stays unquantized
+    trainable = [(n, p) for n, p in trainer.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n, _ in trainable)
+    assert any(p.abs().sum() > 0 for n, p in trainable if "lora_B" in n)  # B starts at zero: the adapter moved
+    assert torch.isfinite(torch.tensor(trainer.state.log_history[0]["loss"]))
+
+
+# ---------------------------------------------------------------------------------------------------------- vLLM
+def tiny_trainer(tmp_path, **overrides):
+    from conftest import image_question_dataset
+
+    from trl_vaopd import VAOPDConfig, VAOPDTrainer
+
+    processor = build_processor("qwen3_vl", build_tokenizer())
+    settings = dict(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        save_strategy="no",
+        max_steps=1,
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=6,
+        gradient_checkpointing=False,
+        logging_steps=1,
+    )
+    return VAOPDTrainer(
+        model=build_model("qwen3_vl", processor, "student", seed=0),
+        teacher_model=build_model("qwen3_vl", processor, "teacher", seed=1),
+        args=VAOPDConfig(**{**settings, **overrides}),
+        train_dataset=image_question_dataset(8),
+        processing_class=processor,
+    )
+
+
+def test_two_view_scoring_is_independent_of_the_rollout_generator(tmp_path):
+    # Any generator (transformers, vLLM colocate or server) hands back completion token ids; the two teacher views
+    # score whatever it returns. Here a stand-in returns fixed completions of varied lengths, ending with EOS or not.
+    trainer = tiny_trainer(tmp_path)
+    tokenizer = trainer.processing_class.tokenizer
+    words = tokenizer.encode("The number shown in the picture is seven.")
+    canned = [words[: 1 + i % 5] + ([tokenizer.eos_token_id] if i % 2 else []) for i in range(8)]
+
+    def generate(prompt_ids, images, multimodal_fields, has_tool_images=False):
+        assert len(prompt_ids) == len(canned)
+        return [list(c) for c in canned]
+
+    trainer._generate_single_turn = generate
+    trainer.train()
+    (batch,) = trainer._buffered_inputs
+    ids, mask = batch["completion_ids"], batch["completion_mask"]
+    assert sorted(tuple(c[m.bool()].tolist()) for c, m in zip(ids, mask, strict=True)) == sorted(map(tuple, canned))
+    logs = trainer.state.log_history[0]
+    assert logs["va/mean"] > 0 and torch.isfinite(torch.tensor(logs["loss"]))
+    assert batch["vaopd_coefficients"].sum().item() == pytest.approx(2.0, rel=1e-5)  # 2 prompts, each summing to 1
