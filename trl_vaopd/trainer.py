@@ -204,6 +204,9 @@ class VAOPDTrainer(DistillationTrainer):
                 f"VLM), got {type(self.processing_class).__name__}. Pass `processing_class=AutoProcessor...`."
             )
         self._check_eval_batch()
+        # Resolved once: unwrapping and reading the head on every call is measurable overhead (benchmarks/README.md)
+        self._teacher_module = self.accelerator.unwrap_model(self.teacher_model)
+        self._teacher_head = OutputHead.of(self._teacher_module)
 
     # ------------------------------------------------------------------ sampling
     @property
@@ -292,7 +295,7 @@ class VAOPDTrainer(DistillationTrainer):
         attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
         multimodal = {k: batch[k] for k in _MULTIMODAL_KEYS if k in batch}
         self.teacher_model.eval()
-        unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
+        unwrapped_teacher = self._teacher_module
         with torch.no_grad():
             # Through the teacher's wrapper, so ZeRO-3 gathers its shards for the forward
             return self._forward_redirection(
@@ -310,7 +313,7 @@ class VAOPDTrainer(DistillationTrainer):
         self, batch: dict[str, Any], counterfactual: dict[str, Any], rows_per_call: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Teacher log-probs of the sampled tokens under both views, and the original view's hidden states."""
-        head = OutputHead.of(self.accelerator.unwrap_model(self.teacher_model))
+        head = self._teacher_head
         temperature = self.args.divergence_temperature
         batch, counterfactual = split_pixel_values_by_grid(batch), split_pixel_values_by_grid(counterfactual)
         n = batch["completion_ids"].size(0)
@@ -424,7 +427,7 @@ class VAOPDTrainer(DistillationTrainer):
             student_hidden,
             inputs[_TEACHER_HIDDEN],
             OutputHead.of(unwrapped_student),
-            OutputHead.of(self.accelerator.unwrap_model(self.teacher_model)),
+            self._teacher_head,
             mask,
             self.args.beta,
             self.args.divergence_temperature,
