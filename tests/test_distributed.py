@@ -335,9 +335,10 @@ def load_example():
     return module
 
 
-def test_example_without_arguments_runs_the_builtin_tiny_demo(tmp_path):
-    # Exactly the README's command, from a scratch directory (it writes under ./trl_vaopd_outputs)
-    output = run([sys.executable, EXAMPLE], cwd=tmp_path)
+def test_example_tiny_flag_runs_the_builtin_tiny_run(tmp_path):
+    # From a scratch directory (it writes under ./trl_vaopd_outputs); without arguments the script runs the demo,
+    # whose pipeline tests/test_demo.py covers
+    output = run([sys.executable, EXAMPLE, "--tiny"], cwd=tmp_path)
     assert "VA-OPD finished after 4 steps" in output
     assert_sane_summary(printed_summary(output))
     assert (tmp_path / "trl_vaopd_outputs" / "tiny-vaopd").is_dir()

@@ -1,0 +1,350 @@
+"""One on-policy distillation run on the demo task, shared by the demo and the replication.
+
+`run_distillation(models, method, seed, steps)` distils the cached student from the cached teacher with
+`VAOPDTrainer` under one of these objectives, all with the same rollouts per step, steps and optimiser:
+
+| method           | rollout weighting | token grouping | KL mask                                   |
+|------------------|-------------------|----------------|-------------------------------------------|
+| `opd`            | off               | off            | none (standard OPD, METHOD.md section 6)  |
+| `vaopd`          | on                | on             | none                                      |
+| `weighting_only` | on                | off            | none                                      |
+| `grouping_only`  | off               | on             | none                                      |
+| `mask_top10`     | off               | off            | the 10% highest-VA tokens of each response |
+| `mask_low10`     | off               | off            | the 10% lowest-VA tokens of each response  |
+| `mask_random10`  | off               | off            | 10% of each response's tokens, at random   |
+
+The masking variants are standard OPD with some tokens taken out of the KL: each response's loss is the mean KL of
+its remaining tokens (ties in VA are broken at random). They subclass `VAOPDTrainer` (`MaskedKLTrainer`) and rewrite the per-token coefficients after
+scoring; the trainer itself is untouched.
+
+Along the run, every `eval_every` steps, the student is evaluated on a fixed probe set of validation items: greedy
+accuracy, and its own visual reliance, the mean per-token gap `log p_S(y_t | v) - log p_S(y_t | v~)` between the
+original and the pixelated image on responses it samples at temperature 1. At the end: greedy accuracy and avg@8 at
+temperature 1 on the held-out test set.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from ..config import VAOPDConfig
+from ..objective import visual_advantage
+from ..trainer import VAOPDTrainer
+from .models import DemoModels, _Encoder, evaluate, generate, suppressed_token_ids
+from .task import DEFAULT_TASK, RectangleItem, TaskConfig, build_dataset
+
+
+__all__ = [
+    "METHODS",
+    "DistillSpec",
+    "MaskedKLTrainer",
+    "run_distillation",
+    "score_views",
+    "visual_reliance",
+]
+
+#: method -> (rollout_weighting, token_grouping, mask)
+METHODS: dict[str, tuple[bool, bool, str | None]] = {
+    "opd": (False, False, None),
+    "vaopd": (True, True, None),
+    "weighting_only": (True, False, None),
+    "grouping_only": (False, True, None),
+    "mask_top10": (False, False, "top"),
+    "mask_low10": (False, False, "low"),
+    "mask_random10": (False, False, "random"),
+}
+
+
+@dataclass(frozen=True)
+class DistillSpec:
+    """Budget and optimiser of a distillation run (the same for every method)."""
+
+    steps: int = 150
+    prompts_per_step: int = 8
+    num_generations: int = 4
+    learning_rate: float = 1e-3
+    warmup_ratio: float = 0.05
+    temperature: float = 0.7
+    top_p: float = 0.95
+    max_completion_length: int = 64
+    eval_every: int = 25
+    probe_size: int = 64
+    final_samples: int = 8
+
+
+class MaskedKLTrainer(VAOPDTrainer):
+    """`VAOPDTrainer` with a fraction of each response's tokens taken out of the KL, chosen by the teacher's VA.
+
+    After the base scoring, every response's coefficients are replaced by `w_k / |kept|` on its kept tokens (0 on the
+    masked ones), so each response still sums to its rollout weight and the loss is the mean KL over kept tokens.
+
+    Args:
+        mask_mode: `"top"` (the highest-VA tokens), `"low"` (the lowest-VA tokens) or `"random"`.
+        mask_fraction: Fraction of each response's valid tokens masked (`ceil(fraction * n)`, at most `n - 1`).
+    """
+
+    def __init__(self, *args, mask_mode: str = "top", mask_fraction: float = 0.1, **kwargs):
+        if mask_mode not in ("top", "low", "random"):
+            raise ValueError(f"mask_mode must be 'top', 'low' or 'random', got {mask_mode!r}")
+        self.mask_mode, self.mask_fraction = mask_mode, mask_fraction
+        self._last_view_logps: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._mask_generator = torch.Generator()
+        super().__init__(*args, **kwargs)
+        self._mask_generator.manual_seed(self.args.seed)
+
+    def _score_views(self, batch, counterfactual, rows_per_call):
+        logp_original, logp_counterfactual, hidden = super()._score_views(batch, counterfactual, rows_per_call)
+        self._last_view_logps = (logp_original, logp_counterfactual)
+        return logp_original, logp_counterfactual, hidden
+
+    def masked_tokens(self, va: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Boolean `(N, T)` mask of the tokens taken out of the KL."""
+        valid = mask.bool()
+        n_valid = valid.sum(dim=1)
+        k = torch.minimum(torch.ceil(n_valid.double() * self.mask_fraction - 1e-9).long(), (n_valid - 1).clamp(min=0))
+        if self.mask_mode == "random":
+            keys = torch.zeros(va.shape, dtype=torch.float64, device=va.device)
+        elif self.mask_mode == "top":
+            keys = va.double()
+        else:
+            keys = -va.double()
+        keys = torch.where(valid, keys, torch.full_like(keys, -math.inf))
+        # Ties are broken at random, not by position: about a third of the tokens have a VA of exactly 0 (the gap is
+        # clipped), and a positional rule would always pick the first ones, which in the demo's answers hold the
+        # stated width (the random mask is the all-ties case)
+        shuffle = torch.rand(va.shape, generator=self._mask_generator).argsort(dim=1).to(va.device)
+        order = shuffle.gather(1, torch.sort(keys.gather(1, shuffle), dim=1, descending=True, stable=True).indices)
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(va.size(1), device=va.device).expand_as(order))
+        return valid & (rank < k.unsqueeze(1))
+
+    def _generate_and_score_completions(self, inputs):
+        batch = super()._generate_and_score_completions(inputs)
+        mask = batch["completion_mask"]
+        va = visual_advantage(*self._last_view_logps, mask)
+        masked = self.masked_tokens(va, mask)
+        kept = mask.bool() & ~masked
+        coefficients = batch["vaopd_coefficients"]
+        weights = coefficients.sum(dim=1, keepdim=True)
+        batch["vaopd_coefficients"] = torch.where(
+            kept, weights / kept.sum(dim=1, keepdim=True).clamp(min=1), torch.zeros_like(coefficients)
+        )
+        mode = "train" if self.model.training else "eval"
+        total = va[mask.bool()].sum()
+        self._metrics[mode]["mask/va_share"].append((va[masked].sum() / total).item() if total > 0 else 0.0)
+        return batch
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Two-view scoring of sampled responses (teacher VA for the heatmap, student visual reliance)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def score_views(
+    model, processor, items: Sequence[RectangleItem], completions: torch.Tensor, task: TaskConfig = DEFAULT_TASK
+) -> dict[str, torch.Tensor]:
+    """Log-probs of `completions` (`(N, T)` ids, padded after the first EOS) under the original and pixelated images.
+
+    Returns `logp_original`, `logp_pixelated` and `mask` (valid tokens: up to and including the first EOS), `(N, T)`.
+    """
+    encoder = _Encoder(processor, task)
+    eos = torch.tensor([encoder.eos_id, encoder.pad_id])
+    is_eos = torch.isin(completions, eos)
+    first = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full_like(is_eos[:, 0], completions.size(1)))
+    mask = (torch.arange(completions.size(1)).unsqueeze(0) <= first.unsqueeze(1)).long()
+    out = {}
+    for view in ("original", "pixelated"):
+        prompts = encoder.prompts(items, "original" if view == "original" else "pixelate")
+        ids = torch.cat([prompts["input_ids"], completions], dim=1)
+        attention = torch.cat([prompts["attention_mask"], mask], dim=1)
+        logits = model(
+            input_ids=ids,
+            attention_mask=attention,
+            mm_token_type_ids=torch.cat([prompts["mm_token_type_ids"], torch.zeros_like(completions)], dim=1),
+            pixel_values=prompts["pixel_values"],
+            image_grid_thw=prompts["image_grid_thw"],
+        ).logits
+        start = prompts["input_ids"].size(1) - 1
+        logp = torch.log_softmax(logits[:, start : start + completions.size(1)].float(), dim=-1)
+        out[f"logp_{view}"] = logp.gather(-1, completions.unsqueeze(-1)).squeeze(-1) * mask
+    out["mask"] = mask
+    return out
+
+
+def visual_reliance(
+    model, processor, items: Sequence[RectangleItem], task: TaskConfig = DEFAULT_TASK, seed: int = 0
+) -> float:
+    """The model's mean per-token log-prob gap, original minus pixelated image, on responses it samples at
+    temperature 1 (one per item)."""
+    total, count = 0.0, 0
+    for chunk, _, completion in generate(model, processor, items, task, temperature=1.0, seed=seed, return_ids=True):
+        scores = score_views(model, processor, chunk, completion, task)
+        gap = (scores["logp_original"] - scores["logp_pixelated"]) * scores["mask"]
+        total += gap.sum().item()
+        count += int(scores["mask"].sum())
+    return total / max(1, count)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class _Probe(TrainerCallback):
+    """Evaluates the student on the probe set every `every` steps and drives an optional progress bar."""
+
+    def __init__(self, run: _Run, every: int, bar=None):
+        self.run, self.every, self.bar = run, every, bar
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.every and state.global_step % self.every == 0 and state.global_step < state.max_steps:
+            self.run.probe(model, state.global_step)
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.bar is not None and logs and "loss" in logs:
+            postfix = {"loss": f"{logs['loss']:.3f}"}
+            if logs.get("va/mean") is not None:
+                postfix["va"] = f"{logs['va/mean']:.3f}"
+            if self.run.curve:
+                postfix["acc"] = f"{self.run.curve[-1]['accuracy']:.0%}"
+            self.bar.set_postfix(postfix)
+
+
+class _Run:
+    def __init__(self, models: DemoModels, processor, probe_items, seed: int):
+        self.models, self.processor, self.probe_items, self.seed = models, processor, probe_items, seed
+        self.curve: list[dict[str, float]] = []
+
+    def probe(self, model, step: int) -> None:
+        task = self.models.setup.task
+        accuracy = evaluate(model, self.processor, self.probe_items, task)["greedy"]
+        reliance = visual_reliance(model, self.processor, self.probe_items, task, seed=self.seed + step)
+        self.curve.append({"step": step, "accuracy": accuracy, "visual_reliance": reliance})
+
+
+def run_distillation(
+    models: DemoModels,
+    method: str = "vaopd",
+    seed: int = 0,
+    spec: DistillSpec = DistillSpec(),
+    output_dir: str = "vaopd_demo/run",
+    progress: bool = True,
+    keep_trainer: bool = False,
+) -> dict[str, Any]:
+    """Distil the cached student from the cached teacher with `method` (see `METHODS`); returns the measurements.
+
+    The seed sets the training prompts and their order, the sampling and the random mask: two methods at the same seed
+    see the same prompts in the same order, with the same number of rollouts and steps. The student always starts from
+    the same cached checkpoint.
+    """
+    from tqdm.auto import tqdm
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    if method not in METHODS:
+        raise ValueError(f"Unknown method {method!r}; expected one of {list(METHODS)}")
+    weighting, grouping, mask_mode = METHODS[method]
+    task = models.setup.task
+    processor = models.processor()
+    teacher, student = models.teacher(), models.student()
+    # Training prompts: the task's training items, in a seed-dependent order (the trainer's sampler shuffles too)
+    generator = torch.Generator().manual_seed(10_000 + seed)
+    n_rows = spec.steps * spec.prompts_per_step
+    order = torch.randint(len(models.train_items), (n_rows,), generator=generator).tolist()
+    train_dataset = build_dataset([models.train_items[i] for i in order], task)
+    probe_items = models.validation_items[: spec.probe_size]
+    run = _Run(models, processor, probe_items, seed)
+
+    args = VAOPDConfig(
+        output_dir=output_dir,
+        max_steps=spec.steps,
+        per_device_train_batch_size=spec.prompts_per_step * spec.num_generations,
+        gradient_accumulation_steps=1,
+        num_generations=spec.num_generations,
+        max_completion_length=spec.max_completion_length,
+        temperature=spec.temperature,
+        top_p=spec.top_p,
+        learning_rate=spec.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=spec.warmup_ratio,
+        adam_beta1=0.9,
+        adam_beta2=0.95,
+        weight_decay=0.1,
+        max_grad_norm=1.0,
+        rollout_weighting=weighting,
+        token_grouping=grouping,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        activation_checkpointing=False,
+        disable_tqdm=True,
+        seed=seed,
+        data_seed=seed,
+        generation_kwargs={"suppress_tokens": suppressed_token_ids(processor.tokenizer)},
+    )
+    kwargs: dict[str, Any] = {}
+    trainer_cls = VAOPDTrainer
+    if mask_mode is not None:
+        trainer_cls, kwargs = MaskedKLTrainer, {"mask_mode": mask_mode, "mask_fraction": 0.1}
+    trainer = trainer_cls(
+        model=student,
+        teacher_model=teacher,
+        args=args,
+        train_dataset=train_dataset,
+        processing_class=processor,
+        **kwargs,
+    )
+    for callback in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(callback)
+    bar = tqdm(total=spec.steps, desc=f"{method} (seed {seed})", disable=not progress, leave=False)
+    trainer.add_callback(_Probe(run, spec.eval_every, bar))
+
+    start = time.perf_counter()
+    run.probe(trainer.model, 0)
+    trainer.train()
+    train_seconds = time.perf_counter() - start
+    bar.close()
+    model = trainer.model
+    run.probe(model, spec.steps)
+    final = evaluate(model, processor, models.test_items, task, samples=spec.final_samples, seed=seed)
+
+    history = [entry for entry in trainer.state.log_history if "loss" in entry]
+
+    def series(key: str) -> list[float | None]:
+        return [entry.get(key) for entry in history]
+
+    def mean(key: str) -> float | None:
+        values = [v for v in series(key) if v is not None and not math.isnan(v)]
+        return sum(values) / len(values) if values else None
+
+    result = {
+        "method": method,
+        "seed": seed,
+        "spec": asdict(spec),
+        "final": final,
+        "curve": run.curve,
+        "train_seconds": round(train_seconds, 1),
+        "history": {
+            "step": [entry["step"] for entry in history],
+            **{
+                k: series(k) for k in ("loss", "va/mean", "va/top10_share", "va/high_group_share", "kl/high", "kl/low")
+            },
+        },
+        "va_mean": mean("va/mean"),
+        "va_top10_share": mean("va/top10_share"),
+    }
+    if mask_mode is not None:
+        result["masked_va_share"] = mean("mask/va_share")
+    if keep_trainer:
+        result["trainer"] = trainer
+    return result

@@ -1,0 +1,600 @@
+"""The demo's teacher and student: tiny Qwen3-VL models trained here, on CPU, and cached on disk.
+
+* The tokenizer is a byte-level BPE trained on the task's corpus (`build_tokenizer(corpus=task_corpus())`), so every
+  word and number of the reference answers is a single token.
+* The teacher (hidden size 64, 3 layers, ~0.5M parameters) is trained supervised on the reference answers until it
+  reads nearly every validation figure (97% greedy accuracy, checked every 50 steps), then frozen.
+* The student (hidden size 32, 2 layers, ~0.16M parameters) is trained the same way but stopped as soon as it reads a
+  quarter of the validation figures: it has the answer format and the arithmetic, and an unreliable reading of the
+  figure, so its accuracy starts far below the teacher's. On-policy distillation has to make it read.
+
+Both are reproducible from a seed and saved with `save_pretrained` under `$TRL_VAOPD_CACHE` (default
+`~/.cache/trl_vaopd`)`/demo/<key>/`, where the key hashes every setting that changes the result (and a sample answer,
+standing for the template); a later run with the same settings loads them instead of training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from ..evaluation import answers_match, extract_answer
+from ..tiny_models import _build_config, build_processor, build_tokenizer
+from ..views import pixelate
+from .task import DEFAULT_TASK, RectangleItem, TaskConfig, reference_answer, render_image, split_items, task_corpus
+
+
+__all__ = [
+    "DemoModels",
+    "DemoSetup",
+    "ModelSpec",
+    "TrainSpec",
+    "build_demo_model",
+    "build_demo_processor",
+    "cache_root",
+    "cpu_threads",
+    "evaluate",
+    "generate",
+    "load_model",
+    "prepare_models",
+    "quick_setup",
+    "supervised_train",
+]
+
+#: Format version of the cache: bump it when the training code changes in a way the settings do not capture
+CACHE_VERSION = 1
+FAMILY = "qwen3_vl"
+VOCAB_SIZE = 512
+MAX_NEW_TOKENS = 64
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Width and depth of a tiny Qwen3-VL (head dimension 16, 2x grouped-query attention)."""
+
+    hidden: int
+    layers: int
+    vision_depth: int = 2
+    mlp_ratio: int = 2
+    vision_hidden: int | None = None  # the language model's width when None
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """A supervised run: AdamW with linear warm-up then cosine decay (or a constant rate), a loss on the answer tokens
+    only, batches cycled through the training items in a seeded order.
+
+    `view` is the image the model is trained on: `"original"`, `"pixelate"` (the detail removed) or `"empty"` (the
+    canvas without the rectangle). With `target_accuracy`, the run stops as soon as the greedy accuracy on the
+    validation items, checked every `eval_every` steps, reaches it; `steps` is then a cap.
+    """
+
+    steps: int
+    batch_size: int = 32
+    learning_rate: float = 3e-3
+    weight_decay: float = 0.01
+    warmup: float = 0.05
+    schedule: str = "cosine"
+    view: str = "original"
+    target_accuracy: float | None = None
+    eval_every: int = 50
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DemoSetup:
+    """Everything the cached teacher and student depend on (its `key()` names their cache directory)."""
+
+    task: TaskConfig = field(default_factory=TaskConfig)
+    teacher: ModelSpec = field(default_factory=lambda: ModelSpec(hidden=64, layers=3))
+    student: ModelSpec = field(default_factory=lambda: ModelSpec(hidden=32, layers=2))
+    # The teacher trains until it reads nearly every validation figure (at most `steps`)
+    teacher_training: TrainSpec = field(
+        default_factory=lambda: TrainSpec(steps=900, target_accuracy=0.97, eval_every=50, seed=0)
+    )
+    # The student trains only until it reads about a quarter of them: the skill exists but is unreliable
+    student_training: TrainSpec = field(
+        default_factory=lambda: TrainSpec(steps=1500, schedule="constant", target_accuracy=0.25, eval_every=10, seed=1)
+    )
+    num_train: int = 20000
+    num_validation: int = 128
+    num_test: int = 256
+    data_seed: int = 0
+    model_seed: int = 0
+
+    def key(self) -> str:
+        # The answer template is code, not a setting: a sample answer stands for it
+        template = reference_answer(RectangleItem(3, 4, 0, 0, 0, 0))
+        payload = {"version": CACHE_VERSION, "family": FAMILY, "vocab": VOCAB_SIZE, "template": template}
+        payload.update(asdict(self))
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@contextmanager
+def cpu_threads(threads: int | None = None) -> Iterator[None]:
+    """Run torch with `threads` intra-op threads (default: `$TRL_VAOPD_DEMO_THREADS`, else 1), restoring the setting
+    afterwards. The demo's models are so small that one thread per process is fastest on a laptop CPU: more threads
+    mostly add synchronisation, and on a busy machine OpenMP's spinning threads slow every matrix product down by an
+    order of magnitude."""
+    if threads is None:
+        threads = int(os.environ.get("TRL_VAOPD_DEMO_THREADS", "1"))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def cache_root() -> Path:
+    """Root of the demo cache: `$TRL_VAOPD_CACHE` or `~/.cache/trl_vaopd`."""
+    return Path(os.environ.get("TRL_VAOPD_CACHE", Path.home() / ".cache" / "trl_vaopd"))
+
+
+def build_demo_processor(task: TaskConfig = DEFAULT_TASK):
+    """Qwen3-VL processor around a tokenizer trained on the task corpus."""
+    tokenizer = build_tokenizer(corpus=task_corpus(task), vocab_size=VOCAB_SIZE)
+    return build_processor(FAMILY, tokenizer, image_size=task.image_size)
+
+
+def build_demo_model(processor, spec: ModelSpec, seed: int = 0):
+    """A random tiny Qwen3-VL of the given width and depth, deterministic from `seed`."""
+    from transformers import GenerationConfig, Qwen3VLForConditionalGeneration
+
+    tokenizer = processor.tokenizer
+    config = _build_config(FAMILY, tokenizer, "teacher", 32)
+    heads = spec.hidden // 16
+    text, vision = config.text_config, config.vision_config
+    text.hidden_size = spec.hidden
+    text.intermediate_size = spec.mlp_ratio * spec.hidden
+    text.num_hidden_layers = spec.layers
+    text.num_attention_heads = heads
+    text.num_key_value_heads = max(1, heads // 2)
+    if hasattr(text, "layer_types") and text.layer_types is not None:
+        text.layer_types = [text.layer_types[0]] * spec.layers
+    vision_hidden = spec.vision_hidden or spec.hidden
+    vision.hidden_size = vision_hidden
+    vision.intermediate_size = spec.mlp_ratio * vision_hidden
+    vision.num_heads = vision_hidden // 16
+    vision.depth = spec.vision_depth
+    vision.out_hidden_size = spec.hidden
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen3VLForConditionalGeneration(config)
+    model.eval()
+    pad_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    model.generation_config = GenerationConfig(bos_token_id=pad_id, eos_token_id=[eos_id, pad_id], pad_token_id=pad_id)
+    return model
+
+
+def load_model(path: str | os.PathLike):
+    from transformers import Qwen3VLForConditionalGeneration
+
+    with _quiet_transformers():
+        model = Qwen3VLForConditionalGeneration.from_pretrained(path)
+    model.eval()
+    return model
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """No "Loading weights" / "Writing model shards" bars for models this small."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Batching
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def suppressed_token_ids(tokenizer) -> list[int]:
+    """Vision placeholder tokens, never sampled: one in a completion would be read as an image slot on the next
+    forward ("Image features and image tokens do not match")."""
+    names = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", "<image>", "<|im_start|>")
+    return [tokenizer.convert_tokens_to_ids(name) for name in names]
+
+
+def _messages(question: str) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+
+
+class _Encoder:
+    """Builds model inputs for task items: every image has the same size, so a prompt's tokens depend only on its
+    question, and are computed once per phrasing."""
+
+    def __init__(self, processor, task: TaskConfig):
+        self.processor, self.task = processor, task
+        self.tokenizer = processor.tokenizer
+        self.pad_id = self.tokenizer.pad_token_id
+        self.eos_id = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.image_pad_id = self.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        self.suppress_ids = suppressed_token_ids(self.tokenizer)
+        # The figure with the rectangle removed: nothing to read (unlike a pixelated or mean-colour view, whose
+        # intensities still hint at the rectangle's size)
+        self.empty = blank = Image.new("RGB", (task.image_size, task.image_size), (255, 255, 255))
+        self.prompt_ids = []
+        for question in task.questions:
+            text = processor.apply_chat_template(_messages(question), add_generation_prompt=True, tokenize=False)
+            self.prompt_ids.append(
+                processor(text=[text], images=[blank], return_tensors="pt")["input_ids"][0].tolist()
+            )
+
+    def images(self, items: Sequence[RectangleItem], view: str = "original") -> dict[str, torch.Tensor]:
+        images = [render_image(item, self.task) for item in items]
+        if view == "pixelate":
+            images = [pixelate(image) for image in images]
+        elif view == "empty":
+            images = [self.empty for _ in images]
+        elif view != "original":
+            raise ValueError(f"Unknown view {view!r}")
+        out = self.processor.image_processor(images=images, return_tensors="pt")
+        return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
+
+    def _pad_left(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        length = max(len(r) for r in rows)
+        ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, length - len(r) :] = torch.tensor(r)
+            mask[i, length - len(r) :] = 1
+        return ids, mask
+
+    def prompts(self, items: Sequence[RectangleItem], view: str = "original") -> dict[str, torch.Tensor]:
+        ids, mask = self._pad_left([self.prompt_ids[item.question] for item in items])
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "mm_token_type_ids": (ids == self.image_pad_id).long(),
+            **self.images(items, view),
+        }
+
+    def supervised(self, items: Sequence[RectangleItem], view: str = "original") -> dict[str, torch.Tensor]:
+        """Prompt + reference answer + end of turn, left-padded, with `labels` on the answer tokens only."""
+        rows, answer_lengths = [], []
+        for item in items:
+            answer = self.tokenizer(reference_answer(item), add_special_tokens=False)["input_ids"] + [self.eos_id]
+            rows.append(self.prompt_ids[item.question] + answer)
+            answer_lengths.append(len(answer))
+        ids, mask = self._pad_left(rows)
+        labels = torch.full_like(ids, -100)
+        for i, n in enumerate(answer_lengths):
+            labels[i, -n:] = ids[i, -n:]
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "mm_token_type_ids": (ids == self.image_pad_id).long(),
+            "labels": labels,
+            **self.images(items, view),
+        }
+
+
+def _answer_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs).logits[:, :-1]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1))
+
+
+def supervised_train(
+    model,
+    processor,
+    items: Sequence[RectangleItem],
+    spec: TrainSpec,
+    task: TaskConfig = DEFAULT_TASK,
+    progress: bool = True,
+    description: str = "supervised",
+    validation: Sequence[RectangleItem] = (),
+    callback: Callable[[int, float], None] | None = None,
+) -> dict[str, Any]:
+    """Train `model` in place on the reference answers of `items`.
+
+    Returns `{"steps", "losses", "validation": [(step, accuracy), ...]}`.
+    """
+    from tqdm.auto import tqdm
+
+    if spec.target_accuracy is not None and not validation:
+        raise ValueError("A target accuracy needs validation items.")
+    encoder = _Encoder(processor, task)
+    generator = torch.Generator().manual_seed(spec.seed)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=spec.learning_rate,
+        betas=(0.9, 0.98),
+    )
+    warmup = max(1, int(spec.warmup * spec.steps)) if spec.warmup else 0
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if spec.schedule == "constant":
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, spec.steps - warmup)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    order = torch.randperm(len(items), generator=generator).tolist()
+    position, losses, checks = 0, [], []
+    model.train()
+    bar = tqdm(range(spec.steps), desc=description, disable=not progress, leave=False)
+    for step in bar:
+        if position + spec.batch_size > len(order):
+            order, position = torch.randperm(len(items), generator=generator).tolist(), 0
+        batch_items = [items[i] for i in order[position : position + spec.batch_size]]
+        position += spec.batch_size
+        loss = _answer_loss(model, encoder.supervised(batch_items, spec.view))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if callback is not None:
+            callback(step, losses[-1])
+        postfix = {"loss": f"{sum(losses[-10:]) / len(losses[-10:]):.3f}"}
+        if validation and ((step + 1) % spec.eval_every == 0 or step + 1 == spec.steps):
+            accuracy = evaluate(model, processor, validation, task)["greedy"]
+            model.train()
+            checks.append((step + 1, accuracy))
+            if spec.target_accuracy is not None and accuracy >= spec.target_accuracy:
+                break
+        if checks:
+            postfix["val_acc"] = f"{checks[-1][1]:.0%}"
+        if step % 5 == 0:
+            bar.set_postfix(postfix)
+    bar.close()
+    model.eval()
+    return {"steps": len(losses), "losses": losses, "validation": checks}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Generation and evaluation
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def generate(
+    model,
+    processor,
+    items: Sequence[RectangleItem],
+    task: TaskConfig = DEFAULT_TASK,
+    temperature: float | None = None,
+    num_samples: int = 1,
+    batch_size: int = 128,
+    view: str = "original",
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    seed: int | None = None,
+    return_ids: bool = False,
+):
+    """Completions for `items`: greedy when `temperature` is `None`, else `num_samples` samples per item (consecutive).
+
+    Returns the decoded texts, or `(prompt batch list, completion id tensors)` pieces when `return_ids`.
+    """
+    encoder = _Encoder(processor, task)
+    expanded = [item for item in items for _ in range(num_samples)]
+    texts, pieces = [], []
+    was_training = model.training
+    model.eval()
+    if seed is not None:
+        torch.manual_seed(seed)
+    for start in range(0, len(expanded), batch_size):
+        chunk = expanded[start : start + batch_size]
+        inputs = encoder.prompts(chunk, view)
+        kwargs: dict[str, Any] = {"do_sample": False, "suppress_tokens": encoder.suppress_ids}
+        if temperature is not None:
+            kwargs.update(do_sample=True, temperature=temperature, top_p=1.0, top_k=0)
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, **kwargs)
+        completion = out[:, inputs["input_ids"].size(1) :]
+        texts.extend(processor.tokenizer.batch_decode(completion, skip_special_tokens=True))
+        if return_ids:
+            pieces.append((chunk, inputs, completion))
+    if was_training:
+        model.train()
+    return pieces if return_ids else texts
+
+
+def is_correct(text: str, item: RectangleItem) -> bool:
+    return answers_match(extract_answer(text), item.answer)
+
+
+def evaluate(
+    model,
+    processor,
+    items: Sequence[RectangleItem],
+    task: TaskConfig = DEFAULT_TASK,
+    samples: int = 0,
+    temperature: float = 1.0,
+    view: str = "original",
+    seed: int = 0,
+) -> dict[str, float]:
+    """Greedy accuracy, and with `samples > 0` avg@`samples` at `temperature` (the paper: avg@8 at 1.0)."""
+    greedy = generate(model, processor, items, task, view=view)
+    result = {"greedy": sum(is_correct(t, it) for t, it in zip(greedy, items, strict=True)) / len(items)}
+    if samples:
+        sampled = generate(model, processor, items, task, temperature=temperature, num_samples=samples, seed=seed)
+        expanded = [item for item in items for _ in range(samples)]
+        result[f"avg@{samples}"] = sum(is_correct(t, it) for t, it in zip(sampled, expanded, strict=True)) / len(
+            expanded
+        )
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Preparation and cache
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DemoModels:
+    """The cached teacher and student (directories with the model and the processor), the task's train, validation
+    and held-out test items, and what their preparation measured (`meta`)."""
+
+    directory: Path
+    setup: DemoSetup
+    train_items: list[RectangleItem]
+    validation_items: list[RectangleItem]
+    test_items: list[RectangleItem]
+    meta: dict[str, Any]
+    loaded_from_cache: bool
+
+    @property
+    def teacher_path(self) -> str:
+        return str(self.directory / "teacher")
+
+    @property
+    def student_path(self) -> str:
+        return str(self.directory / "student")
+
+    def processor(self):
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(self.teacher_path, padding_side="left")
+
+    def teacher(self):
+        return load_model(self.teacher_path)
+
+    def student(self):
+        return load_model(self.student_path)
+
+
+def quick_setup() -> DemoSetup:
+    """A seconds-long setup for tests: narrow one-layer models, a handful of training steps, small splits (the
+    accuracies mean nothing)."""
+    return DemoSetup(
+        teacher=ModelSpec(hidden=32, layers=1, vision_depth=1),
+        student=ModelSpec(hidden=16, layers=1, vision_depth=1),
+        teacher_training=TrainSpec(steps=4, batch_size=8, eval_every=2, target_accuracy=0.97),
+        student_training=TrainSpec(steps=2, batch_size=8, seed=1),
+        num_train=64,
+        num_validation=8,
+        num_test=16,
+    )
+
+
+def split_items_for(setup: DemoSetup) -> tuple[list[RectangleItem], list[RectangleItem], list[RectangleItem]]:
+    return split_items(setup.num_train, setup.num_validation, setup.num_test, setup.data_seed, setup.task)
+
+
+def _num_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _train_and_save(setup: DemoSetup, directory: Path, progress: bool) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    task = setup.task
+    processor = build_demo_processor(task)
+    train_items, validation_items, test_items = split_items_for(setup)
+    meta: dict[str, Any] = {"setup": asdict(setup), "key": setup.key()}
+    runs = [
+        ("teacher", setup.teacher, setup.teacher_training, setup.model_seed),
+        ("student", setup.student, setup.student_training, setup.model_seed + 1),
+    ]
+    for name, spec, training, seed in runs:
+        start = time.perf_counter()
+        model = build_demo_model(processor, spec, seed)
+        if progress:
+            goal = (
+                f"until it reads {training.target_accuracy:.0%} of the validation figures"
+                if training.target_accuracy is not None
+                else f"for {training.steps} steps"
+            )
+            tqdm.write(f"Training the {name} ({_num_params(model) / 1e3:.0f}k parameters) {goal}")
+        log = supervised_train(
+            model, processor, train_items, training, task, progress, f"{name} training", validation_items
+        )
+        seconds = time.perf_counter() - start
+        accuracy = evaluate(model, processor, test_items, task)["greedy"]
+        blind = evaluate(model, processor, test_items, task, view="pixelate")["greedy"]
+        meta[name] = {
+            "parameters": _num_params(model),
+            "train_steps": log["steps"],
+            "train_seconds": round(seconds, 1),
+            "final_loss": log["losses"][-1] if log["losses"] else None,
+            "validation": log["validation"],
+            "heldout_accuracy": accuracy,
+            "heldout_accuracy_pixelated": blind,
+        }
+        reached = [acc for _, acc in log["validation"] if training.target_accuracy and acc >= training.target_accuracy]
+        if training.target_accuracy is not None and not reached:
+            warnings.warn(
+                f"The {name} did not reach {training.target_accuracy:.0%} validation accuracy within "
+                f"{training.steps} steps (last check: {log['validation'][-1][1] if log['validation'] else 0:.1%}).",
+                stacklevel=2,
+            )
+        if progress:
+            tqdm.write(
+                f"  {name}: {log['steps']} steps in {seconds:.0f}s, held-out accuracy {accuracy:.1%} "
+                f"({blind:.1%} with pixelated figures)"
+            )
+        with _quiet_transformers():
+            model.save_pretrained(directory / name)
+            processor.save_pretrained(directory / name)
+    return meta
+
+
+def prepare_models(
+    setup: DemoSetup | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    force: bool = False,
+) -> DemoModels:
+    """Load the teacher and student for `setup` from the cache, or train and cache them (a few minutes on a CPU).
+
+    Args:
+        setup: The settings; the default demo setup when `None`.
+        cache_dir: Cache root; `$TRL_VAOPD_CACHE` or `~/.cache/trl_vaopd` when `None`. Models live in
+            `<cache_dir>/demo/<setup.key()>/`.
+        progress: Show progress bars and messages.
+        force: Retrain even when the cache holds the models.
+    """
+    from tqdm.auto import tqdm
+
+    setup = setup or DemoSetup()
+    root = Path(cache_dir) if cache_dir is not None else cache_root()
+    directory = root / "demo" / setup.key()
+    meta_file = directory / "meta.json"
+    splits = split_items_for(setup)
+    if meta_file.is_file() and not force:
+        meta = json.loads(meta_file.read_text())
+        if progress:
+            tqdm.write(f"Loaded the cached teacher and student from {directory}")
+        return DemoModels(directory, setup, *splits, meta, loaded_from_cache=True)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    # Written to a temporary directory and renamed at the end, so an interrupted run leaves no half-written cache
+    staging = Path(tempfile.mkdtemp(prefix=f".{setup.key()}-", dir=directory.parent))
+    try:
+        meta = _train_and_save(setup, staging, progress)
+        (staging / "meta.json").write_text(json.dumps(meta, indent=2))
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(staging, directory)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    if progress:
+        tqdm.write(f"Cached the teacher and student in {directory}")
+    return DemoModels(directory, setup, *splits, meta, loaded_from_cache=False)
