@@ -16,26 +16,10 @@ from typing import Any
 import torch
 
 from .experiment import score_views
-from .models import DemoModels, _Encoder, generate
+from .models import DemoModels, _Encoder, completion_logits, generate
 
 
 __all__ = ["kl_va_alignment"]
-
-
-@torch.no_grad()
-def _logits(model, encoder: _Encoder, items, completions: torch.Tensor, view: str) -> torch.Tensor:
-    prompts = encoder.prompts(items, view)
-    ids = torch.cat([prompts["input_ids"], completions], dim=1)
-    attention = torch.cat([prompts["attention_mask"], torch.ones_like(completions)], dim=1)
-    logits = model(
-        input_ids=ids,
-        attention_mask=attention,
-        mm_token_type_ids=torch.cat([prompts["mm_token_type_ids"], torch.zeros_like(completions)], dim=1),
-        pixel_values=prompts["pixel_values"],
-        image_grid_thw=prompts["image_grid_thw"],
-    ).logits
-    start = prompts["input_ids"].size(1) - 1
-    return logits[:, start : start + completions.size(1)].float()
 
 
 @torch.no_grad()
@@ -65,8 +49,8 @@ def kl_va_alignment(
         scores = score_views(teacher, processor, chunk, completion, task)
         mask = scores["mask"].bool()
         va = (scores["logp_original"] - scores["logp_pixelated"]).clamp(min=0) * mask
-        log_pt = torch.log_softmax(_logits(teacher, encoder, chunk, completion, "original"), -1)
-        log_ps = torch.log_softmax(_logits(student, encoder, chunk, completion, "original"), -1)
+        log_pt = torch.log_softmax(completion_logits(teacher, encoder, chunk, completion, "original"), -1)
+        log_ps = torch.log_softmax(completion_logits(student, encoder, chunk, completion, "original"), -1)
         kl = ((log_ps.exp() * (log_ps - log_pt)).sum(-1) * mask).clamp(min=0)
         for row in range(completion.size(0)):
             valid = mask[row].nonzero().squeeze(1)

@@ -37,7 +37,7 @@ from transformers import TrainerCallback
 from ..config import VAOPDConfig
 from ..objective import visual_advantage
 from ..trainer import VAOPDTrainer
-from .models import DemoModels, _Encoder, evaluate, generate, suppressed_token_ids
+from .models import DemoModels, _Encoder, completion_logits, evaluate, generate, suppressed_token_ids
 from .task import DEFAULT_TASK, RectangleItem, TaskConfig, build_dataset
 
 
@@ -161,18 +161,10 @@ def score_views(
     mask = (torch.arange(completions.size(1)).unsqueeze(0) <= first.unsqueeze(1)).long()
     out = {}
     for view in ("original", "pixelated"):
-        prompts = encoder.prompts(items, "original" if view == "original" else "pixelate")
-        ids = torch.cat([prompts["input_ids"], completions], dim=1)
-        attention = torch.cat([prompts["attention_mask"], mask], dim=1)
-        logits = model(
-            input_ids=ids,
-            attention_mask=attention,
-            mm_token_type_ids=torch.cat([prompts["mm_token_type_ids"], torch.zeros_like(completions)], dim=1),
-            pixel_values=prompts["pixel_values"],
-            image_grid_thw=prompts["image_grid_thw"],
-        ).logits
-        start = prompts["input_ids"].size(1) - 1
-        logp = torch.log_softmax(logits[:, start : start + completions.size(1)].float(), dim=-1)
+        logits = completion_logits(
+            model, encoder, items, completions, "original" if view == "original" else "pixelate", mask
+        )
+        logp = torch.log_softmax(logits, dim=-1)
         out[f"logp_{view}"] = logp.gather(-1, completions.unsqueeze(-1)).squeeze(-1) * mask
     out["mask"] = mask
     return out

@@ -40,6 +40,7 @@ from .task import DEFAULT_TASK, RectangleItem, TaskConfig, reference_answer, ren
 
 __all__ = [
     "DemoModels",
+    "completion_logits",
     "DemoSetup",
     "ModelSpec",
     "TrainSpec",
@@ -219,6 +220,25 @@ def suppressed_token_ids(tokenizer) -> list[int]:
 
 def _messages(question: str) -> list[dict[str, Any]]:
     return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+
+
+@torch.no_grad()
+def completion_logits(
+    model, encoder: _Encoder, items, completions: torch.Tensor, view: str, completion_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`(N, T, V)` float32 logits of `model` at the positions that predict `completions` after the prompts of `items`
+    shown under `view` ("original" or "pixelate"); `completion_mask` masks padding after the first EOS."""
+    prompts = encoder.prompts(items, view)
+    mask = torch.ones_like(completions) if completion_mask is None else completion_mask
+    logits = model(
+        input_ids=torch.cat([prompts["input_ids"], completions], dim=1),
+        attention_mask=torch.cat([prompts["attention_mask"], mask], dim=1),
+        mm_token_type_ids=torch.cat([prompts["mm_token_type_ids"], torch.zeros_like(completions)], dim=1),
+        pixel_values=prompts["pixel_values"],
+        image_grid_thw=prompts["image_grid_thw"],
+    ).logits
+    start = prompts["input_ids"].size(1) - 1
+    return logits[:, start : start + completions.size(1)].float()
 
 
 class _Encoder:
