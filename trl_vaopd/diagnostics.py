@@ -40,6 +40,7 @@ from trl.data_utils import prepare_multimodal_messages
 
 from .chunked import OutputHead, token_logprobs
 from .dataset_formats import row_images
+from .evaluation import tokenize_conversations
 from .objective import va_mass_share, visual_advantage
 from .views import get_view
 
@@ -185,18 +186,6 @@ def _to_model(inputs: Mapping[str, torch.Tensor], model: torch.nn.Module) -> dic
     }
 
 
-def _tokenize_prompts(processor: ProcessorMixin, conversations: list[list[dict[str, Any]]]) -> dict[str, Any]:
-    # Left padding keeps every prompt flush against its response, as TRL lays out prompt + completion
-    return processor.apply_chat_template(
-        conversations,
-        add_generation_prompt=True,
-        tokenize=True,
-        return_dict=True,
-        return_tensors="pt",
-        processor_kwargs={"padding": True, "padding_side": "left"},
-    )
-
-
 def _response_logprobs(
     model: torch.nn.Module,
     processor: ProcessorMixin,
@@ -205,7 +194,7 @@ def _response_logprobs(
     temperature: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`(N, T)` log-probabilities of the response tokens after each prompt, and the `(N, T)` response mask."""
-    inputs = _to_model(_tokenize_prompts(processor, conversations), model)
+    inputs = _to_model(tokenize_conversations(processor, conversations), model)
     prompt_ids, prompt_mask = inputs.pop("input_ids"), inputs.pop("attention_mask")
     n, prompt_len = prompt_ids.shape
     length = max(len(r) for r in responses)
@@ -741,7 +730,7 @@ class VisualRelianceCallback(TrainerCallback):
             for start in range(0, len(self.probe_rows), self.batch_size):
                 rows = self.probe_rows[start : start + self.batch_size]
                 conversations = [_conversation(row["prompt"], row_images(row)) for row in rows]
-                inputs = _to_model(_tokenize_prompts(self.processor, conversations), model)
+                inputs = _to_model(tokenize_conversations(self.processor, conversations), model)
                 output = model.generate(
                     **inputs,
                     do_sample=True,

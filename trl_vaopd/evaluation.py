@@ -32,6 +32,7 @@ __all__ = [
     "last_boxed_content",
     "make_hf_generate",
     "normalize_answer",
+    "tokenize_conversations",
 ]
 
 # Relative tolerance for numeric agreement: loose enough for `2\sqrt{3}` vs `3.4641016`, tight enough that a
@@ -542,6 +543,22 @@ def avg_at_k(
     }
 
 
+def tokenize_conversations(processor: Any, conversations: list[list[dict[str, Any]]]) -> Any:
+    """Chat-template and tokenize conversations for generation, as a batch of tensors.
+
+    Left padding keeps every prompt flush against what follows it, as decoder-only generation and the scoring of
+    prompt + response both require.
+    """
+    return processor.apply_chat_template(
+        conversations,
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+        processor_kwargs={"padding": True, "padding_side": "left"},
+    )
+
+
 def make_hf_generate(
     model: Any,
     processor: Any,
@@ -582,15 +599,7 @@ def make_hf_generate(
             if images is not None and not isinstance(images, list):
                 images = [images]
             conversations.append(prepare_multimodal_messages(row[prompt_column], images=images))
-        inputs = processor.apply_chat_template(
-            conversations,
-            add_generation_prompt=True,
-            tokenize=True,
-            return_dict=True,
-            return_tensors="pt",
-            # Left padding keeps every prompt flush against its completion, as decoder-only generation requires.
-            processor_kwargs={"padding": True, "padding_side": "left"},
-        ).to(model.device)
+        inputs = tokenize_conversations(processor, conversations).to(model.device)
         with torch.inference_mode():
             output_ids = model.generate(
                 **inputs, do_sample=True, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens
