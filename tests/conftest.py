@@ -31,6 +31,34 @@ def image_question_dataset(num_prompts: int = 8) -> Dataset:
     )
 
 
+def make_args(tmp_path, **overrides):
+    """A tiny CPU VAOPDConfig for one step; plain SGD with lr 1 makes a step's update exactly minus the gradient."""
+    from trl_vaopd import VAOPDConfig
+
+    settings = dict(
+        output_dir=str(tmp_path),
+        max_steps=1,
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=1,
+        num_generations=4,
+        max_completion_length=6,
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        logging_steps=1,
+        save_strategy="no",
+        seed=0,
+        # Plain SGD with lr 1 and no clipping: a step's parameter change is exactly minus the gradient
+        optim="sgd",
+        learning_rate=1.0,
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+    )
+    settings.update(overrides)
+    return VAOPDConfig(**settings)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from trl_vaopd.tiny_models import build_tokenizer

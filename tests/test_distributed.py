@@ -448,28 +448,15 @@ def test_qlora_flags_quantize_the_student_only_and_train_the_adapter(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------------- vLLM
 def tiny_trainer(tmp_path, **overrides):
-    from conftest import image_question_dataset
+    from conftest import image_question_dataset, make_args
 
-    from trl_vaopd import VAOPDConfig, VAOPDTrainer
+    from trl_vaopd import VAOPDTrainer
 
     processor = build_processor("qwen3_vl", build_tokenizer())
-    settings = dict(
-        output_dir=str(tmp_path),
-        use_cpu=True,
-        bf16=False,
-        report_to="none",
-        save_strategy="no",
-        max_steps=1,
-        per_device_train_batch_size=8,
-        num_generations=4,
-        max_completion_length=6,
-        gradient_checkpointing=False,
-        logging_steps=1,
-    )
     return VAOPDTrainer(
         model=build_model("qwen3_vl", processor, "student", seed=0),
         teacher_model=build_model("qwen3_vl", processor, "teacher", seed=1),
-        args=VAOPDConfig(**{**settings, **overrides}),
+        args=make_args(tmp_path, **overrides),
         train_dataset=image_question_dataset(8),
         processing_class=processor,
     )

@@ -4,37 +4,12 @@ import re
 
 import pytest
 import torch
-from conftest import image_question_dataset, noise_image
+from conftest import image_question_dataset, make_args, noise_image
 
-from trl_vaopd import VAOPDConfig, VAOPDTrainer
+from trl_vaopd import VAOPDTrainer
 from trl_vaopd.objective import rollout_weights, token_coefficients, uniform_rollout_weights, visual_advantage
 from trl_vaopd.tiny_models import TINY_FAMILIES, build_model
 from trl_vaopd.views import pixelate
-
-
-def make_args(tmp_path, **overrides):
-    settings = dict(
-        output_dir=str(tmp_path),
-        max_steps=1,
-        per_device_train_batch_size=8,
-        gradient_accumulation_steps=1,
-        num_generations=4,
-        max_completion_length=6,
-        report_to=[],
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
-        logging_steps=1,
-        save_strategy="no",
-        seed=0,
-        # Plain SGD with lr 1 and no clipping: a step's parameter change is exactly minus the gradient
-        optim="sgd",
-        learning_rate=1.0,
-        lr_scheduler_type="constant",
-        max_grad_norm=0.0,
-    )
-    settings.update(overrides)
-    return VAOPDConfig(**settings)
 
 
 def run_one_step(processors, tmp_path, family="qwen3_vl", **overrides):
