@@ -7,10 +7,12 @@ import torch
 
 from trl_vaopd.objective import (
     high_va_mask,
+    mask_coefficients,
     rollout_weights,
     token_coefficients,
     uniform_rollout_weights,
     va_mass_share,
+    va_token_mask,
     vaopd_loss,
     visual_advantage,
 )
@@ -173,3 +175,42 @@ def test_va_mass_share():
     assert va_mass_share(va, mask, 0.1) == pytest.approx(1.0)
     assert va_mass_share(torch.ones(1, 10), torch.ones(1, 10), 0.1) == pytest.approx(0.1)
     assert va_mass_share(torch.zeros(1, 4), torch.ones(1, 4), 0.1) == 0.0
+
+
+def test_va_token_mask_takes_the_chosen_tokens_out_with_random_ties():
+    va = torch.tensor([[0.5, 3.0, 0.0, 0.0, 2.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0]], dtype=torch.float64)
+    mask = torch.tensor([[1] * 10 + [0]])  # 10 valid tokens: ceil(0.2 * 10) = 2 masked
+    ties = torch.rand(1, 11, generator=torch.Generator().manual_seed(0))
+    assert va_token_mask(va, mask, "top", 0.2, ties).nonzero()[:, 1].tolist() == [1, 4]
+    low = va_token_mask(va, mask, "low", 0.2, ties)
+    assert low.sum() == 2 and (va[low] == 0).all() and not low[0, 10]
+    # Among the eight zero-VA tokens, which two go depends on the tie breaker, not on position
+    picks = {
+        tuple(
+            va_token_mask(va, mask, "low", 0.2, torch.rand(1, 11, generator=torch.Generator().manual_seed(s)))
+            .nonzero()[:, 1]
+            .tolist()
+        )
+        for s in range(20)
+    }
+    assert len(picks) > 3
+    assert va_token_mask(va, mask, "random", 0.2, ties).sum() == 2
+    one = torch.tensor([[1] + [0] * 10])
+    assert not va_token_mask(va, one, "top", 0.5, ties).any()  # a response keeps at least one token
+
+
+def test_mask_coefficients_average_the_kept_tokens_with_the_rollout_weight():
+    coefficients = torch.tensor([[0.1, 0.1, 0.1, 0.1, 0.0], [0.5, 0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 0, 0, 0, 0]])
+    masked = torch.tensor([[False, True, False, False, False], [False] * 5])
+    out = mask_coefficients(coefficients, mask, masked)
+    assert torch.allclose(out[0], torch.tensor([0.4 / 3, 0, 0.4 / 3, 0.4 / 3, 0], dtype=torch.float64))
+    assert torch.allclose(out[1], coefficients[1])
+
+
+def test_va_token_mask_rejects_bad_settings():
+    va, mask, ties = torch.zeros(1, 3), torch.ones(1, 3), torch.rand(1, 3)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        va_token_mask(va, mask, "middle", 0.1, ties)
+    with pytest.raises(ValueError, match="fraction must be in"):
+        va_token_mask(va, mask, "top", 1.0, ties)

@@ -1,4 +1,4 @@
-"""The VA-OPD objective as pure tensor functions.
+"""The VA-OPD objective (METHOD.md) as pure tensor functions.
 
 Everything here follows the specification (METHOD.md, sections 2-5) and knows nothing of trainers, models or
 processes: callers hand in per-token teacher log-probabilities, masks and sibling-group ids, and get back visual
@@ -15,15 +15,21 @@ import torch
 
 
 __all__ = [
+    "VA_TOKEN_MASKS",
     "group_index",
     "high_va_mask",
+    "mask_coefficients",
     "rollout_weights",
     "token_coefficients",
     "uniform_rollout_weights",
     "va_mass_share",
+    "va_token_mask",
     "vaopd_loss",
     "visual_advantage",
 ]
+
+#: Which tokens the masking analysis of METHOD.md section 8 takes out of the KL.
+VA_TOKEN_MASKS = ("top", "low", "random")
 
 
 def visual_advantage(
@@ -209,3 +215,50 @@ def va_mass_share(va: torch.Tensor, mask: torch.Tensor, fraction: float = 0.1) -
         return 0.0
     k = int(_num_high(torch.tensor(values.numel()), fraction))
     return float(values.topk(k).values.sum() / total)
+
+
+def va_token_mask(
+    va: torch.Tensor, mask: torch.Tensor, mode: str, fraction: float, tie_breaker: torch.Tensor
+) -> torch.Tensor:
+    """The tokens the paper's masking analysis (METHOD.md section 8) takes out of each response's KL.
+
+    Each response with `n` valid tokens loses `min(ceil(fraction * n), n - 1)` of them (at least one token stays):
+    the highest-VA ones (`"top"`), the lowest-VA ones (`"low"`) or random ones (`"random"`). Ties are broken by
+    `tie_breaker`, not by position: many tokens have a VA of exactly 0 (the gap is clipped), and a positional rule
+    would always pick the first of them; `"random"` is the all-ties case.
+
+    Args:
+        va: `(N, T)` visual advantages.
+        mask: `(N, T)` valid-token mask.
+        mode: `"top"`, `"low"` or `"random"`.
+        fraction: fraction of each response's valid tokens to mask, in `(0, 1)`.
+        tie_breaker: `(N, T)` distinct random keys (e.g. uniform noise); the caller draws them, so that the result is
+            a pure function of its inputs.
+
+    Returns:
+        `(N, T)` boolean mask of the tokens taken out of the KL.
+    """
+    if mode not in VA_TOKEN_MASKS:
+        raise ValueError(f"mode must be one of {VA_TOKEN_MASKS}, got {mode!r}.")
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction}.")
+    valid = mask.bool()
+    n_valid = valid.sum(dim=1)
+    k = torch.minimum(_num_high(n_valid, fraction), (n_valid - 1).clamp(min=0))
+    keys = {"random": torch.zeros_like(va, dtype=torch.float64), "top": va.double(), "low": -va.double()}[mode]
+    keys = torch.where(valid, keys, torch.full_like(keys, -math.inf))
+    # Sort by (key, tie breaker): a stable sort by key of the rows pre-ordered by the tie breaker
+    shuffle = tie_breaker.argsort(dim=1)
+    order = shuffle.gather(1, torch.sort(keys.gather(1, shuffle), dim=1, descending=True, stable=True).indices)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(va.size(1), device=va.device).expand_as(order))
+    return valid & (rank < k.unsqueeze(1))
+
+
+def mask_coefficients(coefficients: torch.Tensor, mask: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """Spread each response's total coefficient `w_k` evenly over its valid tokens that are not `masked`.
+
+    The loss of a response is then `w_k` times the mean KL of its kept tokens (standard OPD without the masked ones).
+    """
+    kept = mask.bool() & ~masked
+    weights = coefficients.sum(dim=1, keepdim=True)
+    return torch.where(kept, weights / kept.sum(dim=1, keepdim=True).clamp(min=1), torch.zeros_like(coefficients))

@@ -1,0 +1,58 @@
+"""The objectives as pure tensor functions, one module per method; they know nothing of trainers or processes.
+
+- `trl_vaopd.objective.va_opd`: VA-OPD (METHOD.md): visual advantage, rollout weights, token coefficients, the loss,
+  and the paper's VA masking analysis. Standard OPD is its special case with both components off.
+- `trl_vaopd.objective.vgs`: VGS (VGS.md): the four per-token terms, the language-prior mask, adaptive gamma and
+  the loss, composable with VA-OPD's coefficients.
+
+Everything public is importable from `trl_vaopd.objective` directly.
+"""
+
+from .va_opd import (
+    VA_TOKEN_MASKS,
+    group_index,
+    high_va_mask,
+    mask_coefficients,
+    rollout_weights,
+    token_coefficients,
+    uniform_rollout_weights,
+    va_mass_share,
+    va_token_mask,
+    vaopd_loss,
+    visual_advantage,
+)
+from .vgs import (
+    VGSTerms,
+    adaptive_gamma,
+    kl_from_logprobs,
+    lp_mask,
+    valid_quantile,
+    vgs_loss,
+    vgs_token_loss,
+    vgs_token_terms,
+    visual_target_logits,
+)
+
+
+__all__ = [
+    "VA_TOKEN_MASKS",
+    "VGSTerms",
+    "adaptive_gamma",
+    "group_index",
+    "high_va_mask",
+    "kl_from_logprobs",
+    "lp_mask",
+    "mask_coefficients",
+    "rollout_weights",
+    "token_coefficients",
+    "uniform_rollout_weights",
+    "va_mass_share",
+    "va_token_mask",
+    "valid_quantile",
+    "vaopd_loss",
+    "vgs_loss",
+    "vgs_token_loss",
+    "vgs_token_terms",
+    "visual_advantage",
+    "visual_target_logits",
+]
