@@ -1,9 +1,11 @@
-"""The chunked per-token divergence and log-probs against explicit float64 references."""
+"""The chunked per-token divergences and log-probs against explicit float64 full-logit references."""
 
+import pytest
 import torch
 
-from trl_vaopd.chunked import OutputHead, per_token_divergence, token_logprobs
-from trl_vaopd.objective import vaopd_loss
+from trl_vaopd import chunked
+from trl_vaopd.chunked import OutputHead, per_token_divergence, token_logprobs, vgs_divergences
+from trl_vaopd.objective import vaopd_loss, vgs_token_terms
 
 
 def _setup(seed=0, n=3, t=5, hs=6, ht=8, vocab=37):
@@ -64,3 +66,82 @@ def test_token_logprobs_match_log_softmax_with_bias_scale_and_softcap():
     ref = torch.log_softmax(logits, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1) * mask
     assert torch.allclose(got.double(), ref, atol=1e-5)
     assert torch.all(got[mask == 0] == 0)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        {"softcap": None, "scale": 1.0, "bias": False, "pad": (0, 0), "tile": 2**25},
+        {"softcap": None, "scale": 1.0, "bias": True, "pad": (0, 0), "tile": 2 * 37},  # chunks of 2 tokens
+        {"softcap": 3.0, "scale": 0.7, "bias": True, "pad": (0, 0), "tile": 3 * 37},
+        {"softcap": None, "scale": 1.3, "bias": True, "pad": (4, 9), "tile": 2 * 37},  # heads padded differently
+    ],
+)
+def test_vgs_divergences_and_their_gradients_match_the_float64_full_logit_reference(monkeypatch, case):
+    monkeypatch.setattr(chunked, "VGS_TILE_ELEMENTS", case["tile"])
+    hidden_s, hidden_t, w_s, w_t, mask = _setup(seed=5)
+    gen = torch.Generator().manual_seed(6)
+    hidden_s_cf = torch.randn(hidden_s.shape, generator=gen, dtype=torch.float64)
+    hidden_t_cf = torch.randn(hidden_t.shape, generator=gen, dtype=torch.float64)
+    vocab = w_s.size(0)
+    pad_s, pad_t = case["pad"]
+    w_s = torch.cat([w_s, 5 * torch.randn(pad_s, w_s.size(1), generator=gen, dtype=torch.float64)])
+    w_t = torch.cat([w_t, 5 * torch.randn(pad_t, w_t.size(1), generator=gen, dtype=torch.float64)])
+    b_s = torch.randn(w_s.size(0), generator=gen, dtype=torch.float64) if case["bias"] else None
+    b_t = torch.randn(w_t.size(0), generator=gen, dtype=torch.float64) if case["bias"] else None
+    compared = vocab if pad_s or pad_t else None
+    temperature = 1.2
+
+    def logits(h, w, b, scale, softcap):
+        z = (h @ w[:vocab].T + (0 if b is None else b[:vocab])) * scale
+        return (softcap * torch.tanh(z / softcap) if softcap else z) / temperature
+
+    # float32 chunked path
+    leaves32 = [t.float().requires_grad_() for t in (hidden_s, hidden_s_cf, w_s)] + (
+        [b_s.float().requires_grad_()] if b_s is not None else []
+    )
+    h_p, h_pbar, ws32 = leaves32[:3]
+    s_head = OutputHead(ws32, leaves32[3] if b_s is not None else None, case["scale"], case["softcap"], compared)
+    t_head = OutputHead(w_t.float(), None if b_t is None else b_t.float(), 0.9, None, compared)
+    got = vgs_divergences(h_p, h_pbar, hidden_t.float(), hidden_t_cf.float(), s_head, t_head, mask, temperature)
+
+    # float64 full-logit reference
+    leaves64 = [t.clone().requires_grad_() for t in (hidden_s, hidden_s_cf, w_s)] + (
+        [b_s.clone().requires_grad_()] if b_s is not None else []
+    )
+    r_p, r_pbar, ws64 = leaves64[:3]
+    rb = leaves64[3] if b_s is not None else None
+    ref = vgs_token_terms(
+        logits(r_p, ws64, rb, case["scale"], case["softcap"]),
+        logits(r_pbar, ws64, rb, case["scale"], case["softcap"]),
+        logits(hidden_t, w_t, b_t, 0.9, None),
+        logits(hidden_t_cf, w_t, b_t, 0.9, None),
+        mask,
+    )
+    for value, expected in zip(got[:3], ref[:3], strict=True):
+        torch.testing.assert_close(value.double(), expected.detach(), rtol=1e-5, atol=1e-6)
+        assert torch.all(value[mask == 0] == 0)
+    log_p = torch.log_softmax(logits(hidden_s, w_s, b_s, case["scale"], case["softcap"]), -1)
+    torch.testing.assert_close(got[3].double(), (-(log_p.exp() * log_p).sum(-1) * mask), rtol=1e-5, atol=1e-6)
+
+    # Gradients of an arbitrary weighting of the three terms, with respect to both student passes and the head
+    weights = torch.rand(3, *mask.shape, generator=gen, dtype=torch.float64)
+    sum(((w.float() * v).sum() for w, v in zip(weights, got[:3], strict=True))).backward()
+    sum(((w * v).sum() for w, v in zip(weights, ref[:3], strict=True))).backward()
+    for name, a, b in zip(("h_p", "h_pbar", "weight", "bias"), leaves32, leaves64, strict=False):
+        torch.testing.assert_close(a.grad.double(), b.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert leaves32[2].grad[vocab:].abs().sum() == 0  # padding rows are not compared
+
+
+def test_vgs_divergences_route_each_term_to_its_own_student_pass():
+    hidden_s, hidden_t, w_s, w_t, mask = _setup(seed=7)
+    h_p, h_pbar = hidden_s.float().requires_grad_(), (hidden_s + 0.5).float().requires_grad_()
+    heads = OutputHead(w_s.float(), None), OutputHead(w_t.float(), None)
+    standard, visual, language, _ = vgs_divergences(
+        h_p, h_pbar, hidden_t.float(), hidden_t.float() - 0.3, *heads, mask
+    )
+    # KL(p || q) and KL(p || q*) move p only (q* holds pbar detached); KL(pbar || qbar) moves pbar only
+    for term, moves_p in ((standard, True), (visual, True), (language, False)):
+        grads = torch.autograd.grad(term.sum(), (h_p, h_pbar), allow_unused=True, retain_graph=True)
+        assert (grads[0] is not None and grads[0].abs().sum() > 0) == moves_p
+        assert (grads[1] is not None and grads[1].abs().sum() > 0) == (not moves_p)
