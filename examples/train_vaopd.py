@@ -31,6 +31,14 @@ accelerate launch --config_file examples/accelerate_configs/deepspeed_zero3.yaml
     examples/train_vaopd.py --config examples/recipes/qwen3_vl_8b_to_2b_geometry3k.yaml
 ```
 
+The method is one setting (`--method opd`, `va_opd`, `vgs`, or several to compose them), e.g. VGS as its paper runs
+it, or VA-OPD and VGS together:
+
+```bash
+python examples/train_vaopd.py --tiny --method vgs --counterfactual_view drop
+python examples/train_vaopd.py --config examples/recipes/qwen3_vl_8b_to_2b_geometry3k.yaml --method va_opd vgs
+```
+
 Any recipe value can be overridden on the command line, e.g. one GPU with LoRA, or QLoRA (4-bit student, the
 teacher stays unquantized):
 
@@ -75,6 +83,10 @@ SUMMARY_KEYS = (
     "weights/min",
     "kl/high",
     "kl/low",
+    "vgs/standard",
+    "vgs/visual",
+    "vgs/language",
+    "vgs/lp_share",
 )
 
 
@@ -320,7 +332,8 @@ def main(script_args: ScriptArguments, training_args: VAOPDConfig, model_args: M
 
     summary = summarize(trainer.state.log_history)
     if trainer.accelerator.is_main_process:
-        print(f"VA-OPD finished after {trainer.state.global_step} steps; mean over the logged steps:")
+        method = " + ".join(training_args.method)
+        print(f"{method} finished after {trainer.state.global_step} steps; mean over the logged steps:")
         for key, value in summary.items():
             print(f"  {key:<20} {value:.6g}")
     if not script_args.tiny:
@@ -339,4 +352,5 @@ if __name__ == "__main__":
 
         run_demo()
     else:
-        main(*parse_args(sys.argv[1:]))
+        # Destroying the process group before exit: leaving it to interpreter shutdown aborts a gloo rank now and then
+        main(*parse_args(sys.argv[1:])).accelerator.end_training()

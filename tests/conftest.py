@@ -31,6 +31,20 @@ def image_question_dataset(num_prompts: int = 8) -> Dataset:
     )
 
 
+def pad_output_head(model, rows: int, seed: int):
+    """The model with `rows` padding rows appended to its vocabulary (as checkpoints pad their heads), large random
+    ones: comparing them, or sampling them, would move much of the probability mass."""
+    import torch
+
+    size = model.get_output_embeddings().weight.size(0)
+    model.resize_token_embeddings(size + rows, mean_resizing=False)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for weight in (model.get_output_embeddings().weight, model.get_input_embeddings().weight):
+            weight[size:] = 3 * torch.randn(weight[size:].shape, generator=generator)
+    return model
+
+
 def make_args(tmp_path, **overrides):
     """A tiny CPU VAOPDConfig for one step; plain SGD with lr 1 makes a step's update exactly minus the gradient."""
     from trl_vaopd import VAOPDConfig

@@ -22,11 +22,56 @@ from trl_vaopd.tiny_models import build_model, build_processor, build_tokenizer
         ("num_generations", 0, "num_generations must be >= 1"),
         ("counterfactual_view", "pixellate", "counterfactual_view must be one of pixelate, blur, blank, drop"),
         ("beta", 2.0, "beta must be in"),
+        ("vgs_gamma", -0.5, "vgs_gamma must be >= 0"),
+        ("vgs_lambda", -0.01, "vgs_lambda must be >= 0"),
+        ("vgs_eta", 0.0, "vgs_eta must be > 0"),
+        ("vgs_lp_quantile", 1.0, "vgs_lp_quantile must be in"),
+        ("vgs_lp_quantile", 0.0, "vgs_lp_quantile must be in"),
+        ("vgs_adaptive_gamma_quantiles", [0.7, 0.4], "vgs_adaptive_gamma_quantiles must be two quantiles"),
+        ("va_token_mask_fraction", 1.0, "va_token_mask_fraction must be in"),
+        ("method", "vaopd", "method must be one or more of opd, va_opd, vgs"),
+        ("method", ["opd", "vgs"], "'opd' is the baseline"),
+        ("method", ["vgs", "vgs"], "lists a method twice"),
+        ("method", [], "method must be one or more of"),
+        ("va_token_mask", "middle", "va_token_mask must be one of top, low, random"),
     ],
 )
 def test_config_rejects_out_of_range_settings(tmp_path, setting, value, message):
     with pytest.raises(ValueError, match=message):
         VAOPDConfig(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=4, **{setting: value})
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"method": "vgs", "beta": 0.5}, "VGS's terms are reverse KLs"),
+        ({"method": ["va_opd", "vgs"], "beta": 0.0}, "VGS's terms are reverse KLs"),
+        ({"va_token_mask": "top"}, "set token_grouping=False"),
+    ],
+)
+def test_config_refuses_settings_a_method_cannot_honour(tmp_path, settings, message):
+    with pytest.raises(ValueError, match=message):
+        VAOPDConfig(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=4, **settings)
+
+
+@pytest.mark.parametrize(
+    "method, overrides, switches",
+    [
+        ("opd", {}, (False, False, False)),
+        ("va_opd", {}, (True, True, False)),
+        ("vgs", {}, (False, False, True)),
+        (["va_opd", "vgs"], {}, (True, True, True)),
+        ("va_opd", {"token_grouping": False}, (True, False, False)),
+        ("opd", {"rollout_weighting": True}, (True, False, False)),
+        (["vgs", "va_opd"], {"vgs": False}, (True, True, False)),
+    ],
+)
+def test_method_presets_the_component_switches_which_stay_overridable(tmp_path, method, overrides, switches):
+    args = VAOPDConfig(
+        output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=4, method=method, **overrides
+    )
+    assert (args.rollout_weighting, args.token_grouping, args.vgs) == switches
+    assert args.method == ([method] if isinstance(method, str) else method)
 
 
 def test_config_rejects_generation_batch_that_splits_sibling_groups(tmp_path):
@@ -53,7 +98,9 @@ def test_config_defaults_follow_the_paper(tmp_path):
         1.0,
         1e-6,
     )
-    assert args.rollout_weighting and args.token_grouping
+    assert args.method == ["va_opd"] and args.rollout_weighting and args.token_grouping and not args.vgs
+    assert (args.vgs_gamma, args.vgs_lambda, args.vgs_eta, args.vgs_lp_quantile) == (2.0, 0.01, 0.41, 0.7)
+    assert not args.vgs_adaptive_gamma and args.vgs_adaptive_gamma_quantiles == [0.4, 0.7]
 
 
 @pytest.fixture(scope="module")
@@ -118,10 +165,21 @@ def test_missing_teacher_and_tools_are_refused(tiny, tmp_path):
         _trainer(tiny, tmp_path, tools=[lookup])
 
 
-def test_mismatched_vocabularies_are_refused(tiny, tmp_path):
-    other = build_processor("qwen3_vl", build_tokenizer(vocab_size=600))
-    with pytest.raises(ValueError, match="vocab_size"):
-        _trainer(tiny, tmp_path, teacher_model=build_model("qwen3_vl", other, "teacher"))
+def test_a_teacher_with_another_tokenizer_is_refused_naming_both_sizes(tiny, tmp_path):
+    from trl_vaopd.tiny_models import save_tiny_vlm
+
+    other = build_tokenizer(vocab_size=600)
+    path = save_tiny_vlm(tmp_path / "teacher", size="teacher", tokenizer=other)
+    sizes = f"teacher's tokenizer \\({len(other)} tokens\\) differs from the student's \\({len(tiny[0].tokenizer)} tokens\\)"
+    with pytest.raises(ValueError, match=sizes):
+        _trainer(tiny, tmp_path, teacher_model=path)
+
+
+def test_a_teacher_head_smaller_than_the_tokenizer_is_refused(tiny, tmp_path):
+    teacher = build_model("qwen3_vl", tiny[0], "teacher")
+    teacher.resize_token_embeddings(len(tiny[0].tokenizer) - 3)
+    with pytest.raises(ValueError, match="teacher's output head has .* rows but the tokenizer has"):
+        _trainer(tiny, tmp_path, teacher_model=teacher)
 
 
 def test_text_only_processing_class_is_refused(tiny, tmp_path):

@@ -5,14 +5,13 @@ import json
 import sys
 from collections import Counter
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from trl_vaopd.demo.experiment import METHODS, MaskedKLTrainer
+from trl_vaopd.demo.experiment import METHODS
 from trl_vaopd.demo.models import build_demo_processor
 from trl_vaopd.demo.task import (
     DEFAULT_TASK,
@@ -112,26 +111,6 @@ def test_teacher_and_student_are_reproducible_from_the_seed(tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert first.meta["teacher"]["validation"] == second.meta["teacher"]["validation"]
     assert first.directory.name == quick_setup().key() and not first.loaded_from_cache
-
-
-def test_masked_kl_trainer_picks_the_right_tokens():
-    va = torch.tensor(
-        [[0.0, 3.0, 1.0, 0.0, 2.0, 0.5, 0.0, 0.0, 0.0, 0.0, 9.0], [4.0, 0.0, 1.0, 0.0, 0.0, 0, 0, 0, 0, 0, 0]]
-    )
-    mask = torch.tensor([[1] * 10 + [0], [1] * 3 + [0] * 8])
-
-    def pick(mode):
-        fake = SimpleNamespace(mask_mode=mode, mask_fraction=0.1, _mask_generator=torch.Generator().manual_seed(0))
-        return MaskedKLTrainer.masked_tokens(fake, va, mask)
-
-    top, low, rnd = pick("top"), pick("low"), pick("random")
-    # ceil(0.1 * 10) = 1 and ceil(0.1 * 3) = 1 token per response, never a padding position
-    for chosen in (top, low, rnd):
-        assert chosen.sum(dim=1).tolist() == [1, 1]
-        assert not (chosen & ~mask.bool()).any()
-    assert top[0, 1] and top[1, 0]  # the highest VA among valid tokens (position 10 is padding)
-    assert low[1, 1]  # the lowest VA
-    assert va[0][low[0]].item() == 0  # one of the six tied zeros of the first response, drawn at random
 
 
 @pytest.mark.filterwarnings("ignore:The teacher did not reach")

@@ -1,8 +1,9 @@
 """Scale-out: real multi-process VA-OPD runs on CPU (two gloo ranks) under `accelerate launch`.
 
-- DDP: rollout weights, coefficients, the logged loss and the parameter update of a 2-process step equal METHOD.md's
-  objective recomputed in float64 from full logits over the whole generation batch, with a prompt's siblings split
-  across ranks and micro-batches;
+- DDP: rollout weights, coefficients (and VGS's language-prior mask and gamma), the logged loss and the parameter update
+  of a 2-process step equal the objective (VA-OPD, VA-OPD + VGS) recomputed in float64 from full logits over the whole
+  generation batch (`tests/reference.py`), with a prompt's siblings split across ranks and micro-batches;
+- DeepSpeed ZeRO-3 with a full-parameter student under VGS: the same equality, student and teacher both sharded;
 - DeepSpeed ZeRO-3 with a LoRA student: the sharded teacher's visual advantages equal an unsharded teacher's on the
   same rollouts, and the adapter (only) trains, its update again minus the reference gradient;
 - the example script with its YAML recipe, alone and under each accelerate config (DDP, ZeRO-2, ZeRO-3);
@@ -20,14 +21,15 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import noise_image
+from conftest import noise_image, pad_output_head
+from reference import Rollout, reference, rollout_key, rollouts_of
 
-from trl_vaopd.objective import rollout_weights, token_coefficients, visual_advantage
+from trl_vaopd.objective import visual_advantage
 from trl_vaopd.tiny_models import build_model, build_processor, build_tokenizer
-from trl_vaopd.views import pixelate
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,6 +40,7 @@ TINY_RECIPE = REPO / "examples" / "recipes" / "tiny_cpu.yaml"
 # LoRA of the helper script's `--lora` run
 LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
 VA_METRICS = ("va/mean", "va/top10_share", "va/high_group_share", "weights/max", "weights/min", "kl/high", "kl/low")
+VGS_METRICS = ("vgs/standard", "vgs/visual", "vgs/language", "vgs/lp_share", "vgs/vds", "vgs/lp_threshold")
 
 
 # ---------------------------------------------------------------------------------------------------------- launching
@@ -90,34 +93,11 @@ def launch_run(tmp_path: Path, *args, config: str | None = None) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------- reference
-def _rows(batch: dict) -> list[dict]:
-    """Rollouts of a batch: valid prompt ids, valid completion ids, and the row's index in the batch."""
-    rows = []
-    for i, (p, pm, c, cm) in enumerate(
-        zip(batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"], batch["completion_mask"], strict=True)
-    ):
-        rows.append({"prompt": p[pm.bool()], "completion": c[cm.bool()], "index": i})
-    return rows
-
-
-def _key(row: dict) -> tuple:
-    return tuple(row["prompt"].tolist()), tuple(row["completion"].tolist())
-
-
-def generation_batch(result: dict) -> list[dict]:
-    """The whole generation batch in sampling order (rank 0's rollouts, then rank 1's), as the teacher scored it."""
-    rows = []
-    for rank, data in enumerate(result["ranks"]):
-        (scored,) = data["scored"]  # one generation per run
-        for row in _rows(scored):
-            row.update(rank=rank, scored=scored)
-            rows.append(row)
-    return rows
-
-
-def load_student(before: dict[str, torch.Tensor], processor, lora: bool) -> torch.nn.Module:
+def load_student(before: dict[str, torch.Tensor], processor, lora: bool, padded: bool) -> torch.nn.Module:
     """The student as it was before the run's step: the tiny model (+ the same LoRA) holding the run's weights."""
     student = build_model("qwen3_vl", processor, "student", seed=0)
+    if padded:
+        student = pad_output_head(student, 5, seed=2)
     if lora:
         from peft import LoraConfig, get_peft_model
 
@@ -127,91 +107,42 @@ def load_student(before: dict[str, torch.Tensor], processor, lora: bool) -> torc
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(before[name])
-    return student.double()
+    return student
 
 
-def reference(result: dict, lora: bool = False) -> dict:
-    """METHOD.md's VA, weights, coefficients, loss L and dL/dtheta over the run's whole generation batch.
-
-    Independent of the trainer's scoring path: float64 models, full `.logits` of one rollout at a time, the images and
-    their pixelated views processed here from the dataset's images, groups by prompt.
-    """
+def run_reference(result: dict, lora: bool = False) -> dict:
+    """The objective and its gradient over the run's whole generation batch, in sampling order (rank 0's rollouts,
+    then rank 1's), from `tests/reference.py` (float64, full logits, unsharded teacher)."""
     processor = build_processor("qwen3_vl", build_tokenizer())
-    tokenizer = processor.tokenizer
-    image_token = tokenizer.convert_tokens_to_ids("<|image_pad|>")
-    teacher = build_model("qwen3_vl", processor, "teacher", seed=1).double()
-    student = load_student(result["before"], processor, lora)
-    rows = generation_batch(result)
-
-    def logits(model, row, image):
-        ids = torch.cat([row["prompt"], row["completion"]]).unsqueeze(0)
-        vision = processor.image_processor(images=[image], return_tensors="pt")
-        out = model(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            pixel_values=vision["pixel_values"].double(),
-            image_grid_thw=vision["image_grid_thw"],
-            mm_token_type_ids=(ids == image_token).long(),
-        )
-        start = row["prompt"].numel() - 1
-        return out.logits[0, start : start + row["completion"].numel()].double()
-
-    def token_logp(lg, row):
-        return torch.log_softmax(lg, -1).gather(-1, row["completion"].unsqueeze(-1)).squeeze(-1)
-
-    n_max = max(row["completion"].numel() for row in rows)
-    va = torch.zeros(len(rows), n_max, dtype=torch.float64)
-    mask = torch.zeros(len(rows), n_max, dtype=torch.long)
-    teacher_logits, groups = [], []
-    for i, row in enumerate(rows):
-        picture = int(re.search(r"picture (\d+)", tokenizer.decode(row["prompt"])).group(1))
-        row["picture"] = picture
-        groups.append(picture)
-        image = noise_image(picture)
-        n = row["completion"].numel()
-        with torch.no_grad():
-            original = logits(teacher, row, image)
-            counterfactual = logits(teacher, row, pixelate(image))
-        teacher_logits.append(original)
-        mask[i, :n] = 1
-        va[i, :n] = visual_advantage(token_logp(original, row), token_logp(counterfactual, row), mask[i, :n])
-    mean_va = va.sum(1) / mask.sum(1).clamp(min=1)
-    weights = rollout_weights(mean_va, groups)
-    coefficients = token_coefficients(va, mask, weights, high_fraction=0.2, high_weight=0.5)
-
-    loss = torch.zeros((), dtype=torch.float64)
-    for i, row in enumerate(rows):
-        n = row["completion"].numel()
-        log_ps = torch.log_softmax(logits(student, row, noise_image(row["picture"])), -1)
-        log_pt = torch.log_softmax(teacher_logits[i], -1)
-        kl = (log_ps.exp() * (log_ps - log_pt)).sum(-1)
-        loss = loss + (coefficients[i, :n] * kl).sum()
-    loss = loss / len(set(groups))
-    loss.backward()
-    grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in student.named_parameters()}
-    return {
-        "rows": rows,
-        "va": va,
-        "weights": weights,
-        "coefficients": coefficients,
-        "loss": loss.item(),
-        "grads": grads,
-    }
+    rows = []
+    for rank, data in enumerate(result["ranks"]):
+        (scored,) = data["scored"]  # one generation per run
+        rows += rollouts_of([scored], processor.tokenizer, rank)
+    student = load_student(result["before"], processor, lora, result["pad_heads"])
+    teacher = build_model("qwen3_vl", processor, "teacher", seed=1)
+    if result["pad_heads"]:
+        teacher = pad_output_head(teacher, 11, seed=3)
+    ref = reference(rows, student, teacher, processor, SimpleNamespace(**result["settings"]))
+    ref["loss"].backward()
+    ref["loss"] = ref["loss"].item()
+    ref["grads"] = {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in student.named_parameters()}
+    return ref
 
 
 # ---------------------------------------------------------------------------------------------------------- checks
-def assert_batch_is_complete_sibling_groups(rows: list[dict], split_across_ranks: bool) -> None:
-    pictures = [row["picture"] for row in rows]
+def assert_batch_is_complete_sibling_groups(rows: list[Rollout], split_across_ranks: bool) -> None:
+    pictures = [row.picture for row in rows]
     groups = [pictures[i : i + 4] for i in range(0, len(pictures), 4)]
     assert all(len(set(g)) == 1 for g in groups) and len({g[0] for g in groups}) == len(groups), pictures
-    spans = [{row["rank"] for row in rows[i : i + 4]} for i in range(0, len(rows), 4)]
+    spans = [{row.rank for row in rows[i : i + 4]} for i in range(0, len(rows), 4)]
     assert any(len(s) > 1 for s in spans) == split_across_ranks, spans
 
 
 def assert_va_matches(result: dict, ref: dict, atol: float = 1e-5) -> None:
     """The trainer's per-token VA (its teacher's log-probs of both views, as scored in the run) equals the reference."""
     for i, row in enumerate(ref["rows"]):
-        scored, j, n = row["scored"], row["index"], row["completion"].numel()
+        (scored,) = result["ranks"][row.rank]["scored"]
+        j, n = row.index, row.completion.numel()
         trainer_va = visual_advantage(
             scored["logp_original"][j], scored["logp_counterfactual"][j], scored["completion_mask"][j]
         )
@@ -220,25 +151,37 @@ def assert_va_matches(result: dict, ref: dict, atol: float = 1e-5) -> None:
     assert ref["va"].max() > 0
 
 
-def assert_coefficients_match(result: dict, ref: dict) -> None:
-    """Every rollout the loss consumed (shuffled micro-batches of every rank) carries the reference's coefficients."""
-    expected: dict[tuple, list[torch.Tensor]] = {}
+def assert_per_token_values_match(result: dict, ref: dict) -> None:
+    """Every rollout the loss consumed (shuffled micro-batches of every rank) carries the reference's coefficients,
+    and for VGS its language-prior mask and gamma."""
+    checks = [("vaopd_coefficients", "coefficients")]
+    if "lp" in ref:
+        checks += [("vgs_lp_mask", "lp"), ("vgs_gamma", "gamma")]
+    processor_tokenizer = build_tokenizer()
+    expected: dict[tuple, list[int]] = {}
     for i, row in enumerate(ref["rows"]):
-        expected.setdefault(_key(row), []).append(ref["coefficients"][i, : row["completion"].numel()])
+        expected.setdefault(rollout_key(row), []).append(i)
     consumed = 0
     for data in result["ranks"]:
         for batch in data["micro_batches"]:
-            for row in _rows(batch):
-                candidates = expected[_key(row)]
-                got = batch["vaopd_coefficients"][row["index"], : row["completion"].numel()].double()
-                assert any(torch.allclose(got, c, rtol=1e-4, atol=1e-8) for c in candidates), (got, candidates)
+            for row in rollouts_of([batch], processor_tokenizer):
+                n = row.completion.numel()
+
+                def matches(i, row=row, n=n, batch=batch):
+                    return all(
+                        torch.allclose(
+                            batch[name][row.index, :n].double(), ref[field][i, :n].double(), rtol=1e-4, atol=1e-8
+                        )
+                        for name, field in checks
+                    )
+
+                assert any(matches(i) for i in expected[rollout_key(row)]), rollout_key(row)
                 consumed += 1
     assert consumed == len(ref["rows"])
     # Weights of each prompt's siblings sum to one over the whole generation batch
-    pictures = torch.tensor([row["picture"] for row in ref["rows"]])
+    pictures = torch.tensor([row.picture for row in ref["rows"]])
     for picture in pictures.unique():
         assert ref["weights"][pictures == picture].sum().item() == pytest.approx(1.0)
-    assert ref["weights"].max() > ref["weights"].min()  # not uniform: the weighting matters here
 
 
 def assert_update_is_minus_gradient(result: dict, ref: dict, lr: float, names=None) -> None:
@@ -261,23 +204,48 @@ def assert_update_is_minus_gradient(result: dict, ref: dict, lr: float, names=No
 
 
 # ---------------------------------------------------------------------------------------------------------- tests
-def test_two_process_step_equals_method_objective_on_whole_generation_batch(tmp_path):
+@pytest.mark.parametrize(
+    "method",
+    [["va_opd"], ["va_opd", "vgs"]],
+    ids=["va_opd", "va_opd+vgs"],
+)
+def test_two_process_step_equals_method_objective_on_whole_generation_batch(tmp_path, method):
     # 2 rollouts per micro-batch x 3 accumulation steps x 2 processes = 12 rollouts = 3 prompts x 4 siblings: the
     # middle prompt's siblings sit on both ranks, the others span micro-batches of one rank
-    result = launch_run(tmp_path, "--per_device", "2", "--accumulation", "3")
+    view = "drop" if "vgs" in method else "pixelate"  # VGS as the paper runs it, without the image
+    result = launch_run(tmp_path, "--per_device", "2", "--accumulation", "3", "--method", *method, "--view", view)
     assert result["world_size"] == 2 and result["distributed_type"] == "DistributedType.MULTI_CPU"
-    ref = reference(result)
+    ref = run_reference(result)
     assert_batch_is_complete_sibling_groups(ref["rows"], split_across_ranks=True)
-    assert len({row["completion"].numel() for row in ref["rows"]}) > 1  # varied lengths: masks matter
+    assert len({row.completion.numel() for row in ref["rows"]}) > 1  # varied lengths: masks matter
     assert_va_matches(result, ref)
-    assert_coefficients_match(result, ref)
+    assert_per_token_values_match(result, ref)
+    assert ref["weights"].max() > ref["weights"].min()  # not uniform: the weighting matters here
     logs = result["log_history"][0]
     assert logs["loss"] == pytest.approx(ref["loss"], rel=1e-4)
     assert_update_is_minus_gradient(result, ref, lr=1.0)
-    for key in VA_METRICS:
+    for key in VA_METRICS + (VGS_METRICS if "vgs" in method else ()):
         assert key in logs, key
     assert logs["weights/max"] == pytest.approx(ref["weights"].max().item(), rel=1e-4)
     assert logs["weights/min"] == pytest.approx(ref["weights"].min().item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("method", [["va_opd"], ["va_opd", "vgs"]], ids=["va_opd", "va_opd+vgs"])
+def test_zero3_step_with_padded_heads_equals_the_objective_over_the_tokenizer(tmp_path, method):
+    # Full-parameter student, student and teacher both sharded, their heads padded to different sizes: the gradient of
+    # the divergence kernels reaches the sharded output head through the tokenizer's rows only
+    result = launch_run(
+        tmp_path, "--per_device", "2", "--accumulation", "3", "--method", *method, "--pad_heads",
+        config="deepspeed_zero3.yaml",
+    )  # fmt: skip
+    assert result["world_size"] == 2 and result["distributed_type"] == "DistributedType.DEEPSPEED"
+    ref = run_reference(result)
+    assert_va_matches(result, ref)
+    assert_per_token_values_match(result, ref)
+    assert result["log_history"][0]["loss"] == pytest.approx(ref["loss"], rel=1e-4)
+    assert_update_is_minus_gradient(result, ref, lr=1.0)
+    head = ref["grads"]["lm_head.weight"]
+    assert head[:-5].abs().sum() > 0 and not head[-5:].any()
 
 
 @pytest.fixture(scope="module")
@@ -285,7 +253,7 @@ def zero3_lora_run(tmp_path_factory):
     """One ZeRO-3 run with a LoRA student, shared by the two tests below, and its unsharded float64 reference."""
     tmp_path = tmp_path_factory.mktemp("zero3_lora")
     result = launch_run(tmp_path, "--per_device", "2", "--accumulation", "3", "--lora", config="deepspeed_zero3.yaml")
-    return result, reference(result, lora=True)
+    return result, run_reference(result, lora=True)
 
 
 def test_zero3_sharded_teacher_gives_the_unsharded_visual_advantage(zero3_lora_run):
@@ -297,7 +265,7 @@ def test_zero3_sharded_teacher_gives_the_unsharded_visual_advantage(zero3_lora_r
     assert torch.isfinite(torch.tensor(result["log_history"][0]["loss"]))
     assert_batch_is_complete_sibling_groups(ref["rows"], split_across_ranks=True)
     assert_va_matches(result, ref)
-    assert_coefficients_match(result, ref)
+    assert_per_token_values_match(result, ref)
 
 
 def test_lora_student_with_zero3_teacher_trains_the_adapter_only(zero3_lora_run):
@@ -313,8 +281,8 @@ def test_lora_student_with_zero3_teacher_trains_the_adapter_only(zero3_lora_run)
 # ---------------------------------------------------------------------------------------------------------- example
 def printed_summary(output: str) -> dict[str, float]:
     """The metrics `examples/train_vaopd.py` prints at the end of a run."""
-    assert "VA-OPD finished after" in output, output[-4000:]
-    tail = output[output.rindex("VA-OPD finished after") :]
+    assert " finished after" in output, output[-4000:]
+    tail = output[output.rindex(" finished after") :]
     return {m.group(1): float(m.group(2)) for m in re.finditer(r"^\s+(\S+)\s+(\S+)$", tail, re.MULTILINE)}
 
 
@@ -339,22 +307,37 @@ def test_example_tiny_flag_runs_the_builtin_tiny_run(tmp_path):
     # From a scratch directory (it writes under ./trl_vaopd_outputs); without arguments the script runs the demo,
     # whose pipeline tests/test_demo.py covers
     output = run([sys.executable, EXAMPLE, "--tiny"], cwd=tmp_path)
-    assert "VA-OPD finished after 4 steps" in output
+    assert "va_opd finished after 4 steps" in output
     assert_sane_summary(printed_summary(output))
     assert (tmp_path / "trl_vaopd_outputs" / "tiny-vaopd").is_dir()
 
 
-@pytest.mark.parametrize("launcher", ["python", "multi_gpu.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml"])
-def test_example_with_tiny_recipe(tmp_path, launcher):
-    args = [EXAMPLE, "--config", TINY_RECIPE, "--output_dir", tmp_path / "out"]
+@pytest.mark.parametrize(
+    "launcher, method",
+    [
+        ("python", ["va_opd"]),
+        ("multi_gpu.yaml", ["va_opd"]),
+        ("deepspeed_zero2.yaml", ["va_opd"]),
+        ("deepspeed_zero3.yaml", ["va_opd"]),
+        ("multi_gpu.yaml", ["vgs"]),
+        ("deepspeed_zero3.yaml", ["vgs"]),
+    ],
+)
+def test_example_with_tiny_recipe(tmp_path, launcher, method):
+    args = [EXAMPLE, "--config", TINY_RECIPE, "--output_dir", tmp_path / "out", "--method", *method]
+    if "vgs" in method:
+        args += ["--counterfactual_view", "drop"]  # VGS as its paper runs it
     if launcher == "python":
         output = run([sys.executable, *args])
     else:
         output = run(accelerate_launch(*args, config=launcher))
         # Both processes trained: each logs its own progress bar, the main process alone prints the summary
-        assert output.count("VA-OPD finished after") == 1
-    assert "VA-OPD finished after 2 steps" in output
-    assert_sane_summary(printed_summary(output))
+        assert output.count(" finished after") == 1
+    assert f"{' + '.join(method)} finished after 2 steps" in output
+    summary = printed_summary(output)
+    assert_sane_summary(summary)
+    if "vgs" in method:
+        assert {"vgs/standard", "vgs/visual", "vgs/language", "vgs/lp_share"} <= summary.keys()
 
 
 def test_paper_recipe_parses_to_the_published_settings():

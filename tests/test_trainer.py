@@ -1,15 +1,23 @@
-"""End-to-end tests of VAOPDTrainer on tiny offline models: exactness, split invariance, budget, LoRA, resume."""
-
-import re
+"""End-to-end tests of VAOPDTrainer on tiny offline models: exactness of every method, split invariance, budget,
+LoRA, resume."""
 
 import pytest
 import torch
-from conftest import image_question_dataset, make_args, noise_image
+from conftest import image_question_dataset, make_args, pad_output_head
+from reference import reference, rollouts_of
 
 from trl_vaopd import VAOPDTrainer
-from trl_vaopd.objective import rollout_weights, token_coefficients, uniform_rollout_weights, visual_advantage
 from trl_vaopd.tiny_models import TINY_FAMILIES, build_model
-from trl_vaopd.views import pixelate
+
+
+def count_rows(model, counts: list[int]) -> None:
+    """Append the rows of every training-style forward (no KV cache) of `model`'s backbone to `counts`."""
+
+    def hook(module, args, kwargs):
+        if kwargs.get("use_cache") is False:
+            counts.append(kwargs["input_ids"].size(0))
+
+    model.base_model.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 def run_one_step(processors, tmp_path, family="qwen3_vl", **overrides):
@@ -17,10 +25,9 @@ def run_one_step(processors, tmp_path, family="qwen3_vl", **overrides):
     student = build_model(family, processor, "student", seed=0)
     teacher = build_model(family, processor, "teacher", seed=1)
     before = {n: p.detach().clone() for n, p in student.named_parameters()}
-    teacher_rows = []
-    teacher.base_model.register_forward_pre_hook(
-        lambda module, args, kwargs: teacher_rows.append(kwargs["input_ids"].size(0)), with_kwargs=True
-    )
+    teacher_rows, student_rows = [], []
+    count_rows(teacher, teacher_rows)
+    count_rows(student, student_rows)
     trainer = VAOPDTrainer(
         model=student,
         teacher_model=teacher,
@@ -30,65 +37,48 @@ def run_one_step(processors, tmp_path, family="qwen3_vl", **overrides):
     )
     trainer.train()
     delta = {n: p.detach() - before[n] for n, p in trainer.model.named_parameters()}
-    return trainer, delta, list(teacher_rows)  # a copy: later reference forwards must not count
+    # Copies: later reference forwards must not count
+    return trainer, delta, list(teacher_rows), list(student_rows)
 
 
 def _cat(batches, key):
     return torch.cat([b[key] for b in batches])
 
 
-def reference_loss(processor, student, teacher, micro_batches, weighting=True, grouping=True):
-    """METHOD.md's L on the whole generation batch, from full logits in float64, independent of the trainer's path."""
-    tokenizer = processor.tokenizer
-    prompt_ids, prompt_mask = _cat(micro_batches, "prompt_ids"), _cat(micro_batches, "prompt_mask")
-    completion_ids, mask = _cat(micro_batches, "completion_ids"), _cat(micro_batches, "completion_mask")
-    ids, attn = torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, mask], 1)
-    mm = {k: _cat(micro_batches, k) for k in ("pixel_values", "image_grid_thw", "mm_token_type_ids")}
-    prompts = [
-        int(re.search(r"picture (\d+)", tokenizer.decode(p[m.bool()])).group(1))
-        for p, m in zip(prompt_ids, prompt_mask, strict=True)
-    ]
-    cf_pixels = torch.cat(
-        [
-            processor.image_processor(images=[pixelate(noise_image(i))], return_tensors="pt")["pixel_values"]
-            for i in prompts
-        ]
-    )
-    start, end = prompt_ids.size(1) - 1, ids.size(1) - 1
-
-    def logits(model, **override):
-        return model(input_ids=ids, attention_mask=attn, **{**mm, **override}).logits[:, start:end].double()
-
-    def token_logp(lg):
-        return torch.log_softmax(lg, -1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
-
-    with torch.no_grad():
-        teacher_logits = logits(teacher)
-        va = visual_advantage(token_logp(teacher_logits), token_logp(logits(teacher, pixel_values=cf_pixels)), mask)
-    mean_va = va.sum(1) / mask.sum(1).clamp(min=1)
-    weights = rollout_weights(mean_va, prompts) if weighting else uniform_rollout_weights(prompts)
-    coefficients = token_coefficients(va, mask, weights, group_tokens=grouping)
-    log_ps = torch.log_softmax(logits(student), -1)
-    log_pt = torch.log_softmax(teacher_logits, -1)
-    kl = (log_ps.exp() * (log_ps - log_pt)).sum(-1)
-    return (coefficients * kl * mask).sum() / len(set(prompts)), weights, coefficients
-
-
-def _assert_grad_matches(processors, family, delta, loss_fn):
-    student = build_model(family, processors[family], "student", seed=0)
-    loss = loss_fn(student)
-    loss.backward()
+def _assert_update_is_minus_gradient(delta, student):
     # Per module, relative L2 error: an element-wise test would measure float32 rounding of `p_after - p_before`
     errors, norms = {}, {}
     for name, p in student.named_parameters():
-        ref = p.grad.float() if p.grad is not None else torch.zeros_like(p)
+        ref = p.grad.float() if p.grad is not None else torch.zeros_like(p, dtype=torch.float32)
         module = "vision" if ".visual." in name or "vision" in name else "language"
         errors[module] = errors.get(module, 0.0) + (delta[name] + ref).square().sum().item()
         norms[module] = norms.get(module, 0.0) + ref.square().sum().item()
     for module in errors:
         assert norms[module] > 0, f"no gradient reaches the {module} parameters"
         assert (errors[module] / norms[module]) ** 0.5 < 1e-3, (module, errors[module], norms[module])
-    return loss
+
+
+def check_step_against_reference(processors, tmp_path, **overrides):
+    """One real `train()` step on the tiny Qwen3-VL pair: its update is minus the gradient of the float64 objective of
+    the whole generation batch, and the per-token quantities it scored equal the reference's."""
+    trainer, delta, teacher_rows, student_rows = run_one_step(processors, tmp_path, **overrides)
+    processor = processors["qwen3_vl"]
+    micro = trainer._buffered_inputs
+    rows = rollouts_of(micro, processor.tokenizer)
+    student = build_model("qwen3_vl", processor, "student", seed=0)
+    teacher = build_model("qwen3_vl", processor, "teacher", seed=1)
+    ref = reference(rows, student, teacher, processor, trainer.args)
+    ref["loss"].backward()
+    _assert_update_is_minus_gradient(delta, student)
+    assert trainer.state.log_history[0]["loss"] == pytest.approx(ref["loss"].item(), rel=1e-4)
+    width = ref["mask"].size(1)
+    torch.testing.assert_close(
+        _cat(micro, "vaopd_coefficients")[:, :width].double(), ref["coefficients"], rtol=1e-4, atol=1e-7
+    )
+    if trainer.args.vgs:
+        assert torch.equal(_cat(micro, "vgs_lp_mask")[:, :width], ref["lp"])
+        torch.testing.assert_close(_cat(micro, "vgs_gamma")[:, :width].double(), ref["gamma"])
+    return trainer, ref, teacher_rows, student_rows
 
 
 @pytest.mark.parametrize("per_device,accumulation", [(8, 1), (2, 4), (3, 1)])
@@ -98,43 +88,86 @@ def test_update_is_minus_gradient_of_method_loss_for_every_layout(processors, tm
         with pytest.raises(ValueError, match="whole groups of num_generations=4"):
             make_args(tmp_path, per_device_train_batch_size=3, gradient_accumulation_steps=accumulation)
         return
-    trainer, delta, teacher_rows = run_one_step(
+    trainer, _, teacher_rows, student_rows = check_step_against_reference(
         processors, tmp_path, per_device_train_batch_size=per_device, gradient_accumulation_steps=accumulation
     )
-    micro = trainer._buffered_inputs
-    teacher = trainer.teacher_model
-    loss = _assert_grad_matches(
-        processors, "qwen3_vl", delta, lambda s: reference_loss(processors["qwen3_vl"], s, teacher, micro)[0]
-    )
-    assert trainer.state.log_history[0]["loss"] == pytest.approx(loss.item(), rel=1e-4)
-    # Budget: the teacher scores each rollout under two views, and never again for the loss
-    assert sum(teacher_rows) == 2 * 8
-    coefficients = _cat(micro, "vaopd_coefficients")
+    # Budget: the teacher scores each rollout under two views, and never again for the loss; the student runs once
+    assert sum(teacher_rows) == 2 * 8 and sum(student_rows) == 8
+    coefficients = _cat(trainer._buffered_inputs, "vaopd_coefficients")
     assert coefficients.sum().item() == pytest.approx(2.0, rel=1e-5)  # two prompts, each summing to one
 
 
+@pytest.mark.parametrize(
+    "method,view,per_device,accumulation",
+    [
+        ("vgs", "drop", 8, 1),
+        ("vgs", "drop", 2, 4),
+        ("vgs", "pixelate", 4, 2),
+        (["va_opd", "vgs"], "pixelate", 8, 1),
+        (["va_opd", "vgs"], "drop", 2, 4),
+    ],
+)
+def test_vgs_update_is_minus_gradient_of_its_objective_for_every_layout(
+    processors, tmp_path, method, view, per_device, accumulation
+):
+    trainer, ref, teacher_rows, student_rows = check_step_against_reference(
+        processors,
+        tmp_path,
+        method=method,
+        counterfactual_view=view,
+        per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=accumulation,
+    )
+    # Budget (VGS.md): two teacher passes per rollout, with and without the image, and two student passes
+    assert sum(teacher_rows) == 2 * 8 and sum(student_rows) == 2 * 8
+    # The LP mask (checked above against the quantile over the whole generation batch) holds some tokens, not all
+    assert 0 < ref["lp"].sum() < ref["mask"].sum()
+    logs = trainer.state.log_history[0]
+    for name in ("standard", "visual", "language"):
+        expected = (getattr(ref["terms"], name).sum() / ref["mask"].sum()).item()
+        assert logs[f"vgs/{name}"] == pytest.approx(expected, rel=1e-4)
+    assert logs["vgs/lp_share"] == pytest.approx(ref["lp"].sum().item() / ref["mask"].sum().item())
+
+
+def test_adaptive_gamma_matches_the_reference(processors, tmp_path):
+    _, ref, _, _ = check_step_against_reference(
+        processors,
+        tmp_path,
+        method="vgs",
+        vgs_adaptive_gamma=True,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+    )
+    assert set(ref["gamma"][ref["mask"].bool()].unique().tolist()) == {0.0, 1.0, 2.0}
+
+
+def test_opd_runs_the_teacher_once_per_rollout_and_is_standard_opd(processors, tmp_path):
+    trainer, _, teacher_rows, student_rows = check_step_against_reference(
+        processors, tmp_path, method="opd", per_device_train_batch_size=4, gradient_accumulation_steps=2
+    )
+    assert sum(teacher_rows) == 8 and sum(student_rows) == 8  # as trl.DistillationTrainer
+    logs = trainer.state.log_history[0]
+    assert logs["weights/max"] == logs["weights/min"] == pytest.approx(0.25)
+    assert "va/mean" not in logs  # no counterfactual view, hence no VA
+
+
 def test_both_switches_off_is_standard_opd(processors, tmp_path):
-    trainer, delta, _ = run_one_step(
+    trainer, _, teacher_rows, _ = check_step_against_reference(
         processors,
         tmp_path,
         rollout_weighting=False,
         token_grouping=False,
+        log_va_metrics=True,
         per_device_train_batch_size=4,
         gradient_accumulation_steps=2,
     )
-    micro, teacher = trainer._buffered_inputs, trainer.teacher_model
-    _assert_grad_matches(
-        processors,
-        "qwen3_vl",
-        delta,
-        lambda s: reference_loss(processors["qwen3_vl"], s, teacher, micro, weighting=False, grouping=False)[0],
-    )
     logs = trainer.state.log_history[0]
     assert logs["weights/max"] == logs["weights/min"] == pytest.approx(0.25)
+    assert logs["va/mean"] > 0 and sum(teacher_rows) == 2 * 8  # the VA metrics cost the counterfactual pass
 
 
 def test_logs_va_metrics(processors, tmp_path):
-    trainer, _, _ = run_one_step(processors, tmp_path)
+    trainer, _, _, _ = run_one_step(processors, tmp_path)
     logs = trainer.state.log_history[0]
     for key in ("va/mean", "va/top10_share", "va/high_group_share", "kl/high", "kl/low", "weights/max", "weights/min"):
         assert key in logs, key
@@ -144,12 +177,15 @@ def test_logs_va_metrics(processors, tmp_path):
     assert 0 < logs["weights/min"] <= 0.25 <= logs["weights/max"] < 1
 
 
+@pytest.mark.parametrize("method,view", [("va_opd", "pixelate"), ("vgs", "drop"), (["va_opd", "vgs"], "pixelate")])
 @pytest.mark.parametrize("family", [f for f in TINY_FAMILIES if f != "qwen3_vl"])
-def test_trains_on_other_families(processors, tmp_path, family):
-    trainer, delta, teacher_rows = run_one_step(
+def test_trains_on_other_families(processors, tmp_path, family, method, view):
+    trainer, delta, teacher_rows, student_rows = run_one_step(
         processors,
         tmp_path,
         family=family,
+        method=method,
+        counterfactual_view=view,
         per_device_train_batch_size=4,
         gradient_accumulation_steps=2,
         learning_rate=1e-3,
@@ -159,11 +195,12 @@ def test_trains_on_other_families(processors, tmp_path, family):
     assert logs["va/mean"] > 0
     assert any(d.abs().max() > 0 for d in delta.values())
     assert sum(teacher_rows) == 2 * 8
+    assert sum(student_rows) == (2 * 8 if trainer.args.vgs else 8)
 
 
 @pytest.mark.parametrize("view", ["drop", "blank", "blur"])
 def test_other_views_train(processors, tmp_path, view):
-    trainer, _, teacher_rows = run_one_step(processors, tmp_path, counterfactual_view=view, learning_rate=1e-3)
+    trainer, _, teacher_rows, _ = run_one_step(processors, tmp_path, counterfactual_view=view, learning_rate=1e-3)
     assert trainer.state.log_history[0]["va/mean"] > 0
     assert sum(teacher_rows) == 2 * 8
 
@@ -182,8 +219,9 @@ def test_size_changing_custom_view_is_refused(processors, tmp_path):
         trainer.train()
 
 
+@pytest.mark.parametrize("method", ["va_opd", ["va_opd", "vgs"]])
 @pytest.mark.parametrize("family", TINY_FAMILIES)
-def test_lora_student_trains_adapter_only_and_reloads(processors, tmp_path, family):
+def test_lora_student_trains_adapter_only_and_reloads(processors, tmp_path, family, method):
     from peft import LoraConfig, PeftModel
 
     processor = processors[family]
@@ -191,7 +229,12 @@ def test_lora_student_trains_adapter_only_and_reloads(processors, tmp_path, fami
         model=build_model(family, processor, "student"),
         teacher_model=build_model(family, processor, "teacher", seed=1),
         args=make_args(
-            tmp_path, learning_rate=1e-2, max_steps=2, per_device_train_batch_size=4, gradient_accumulation_steps=2
+            tmp_path,
+            method=method,
+            learning_rate=1e-2,
+            max_steps=2,
+            per_device_train_batch_size=4,
+            gradient_accumulation_steps=2,
         ),
         train_dataset=image_question_dataset(8),
         processing_class=processor,
@@ -208,24 +251,48 @@ def test_lora_student_trains_adapter_only_and_reloads(processors, tmp_path, fami
     assert torch.allclose(reloaded(input_ids=ids).logits, trainer.model(input_ids=ids).logits, atol=1e-6)
 
 
-def test_checkpoint_and_resume(processors, tmp_path):
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"method": "va_opd"},
+        {"method": ["va_opd", "vgs"], "counterfactual_view": "drop"},
+        {"method": "opd", "va_token_mask": "random"},
+    ],
+)
+def test_resuming_from_a_checkpoint_is_exact(processors, tmp_path, settings):
     processor = processors["qwen3_vl"]
 
-    def trainer(max_steps):
+    def trainer(output_dir):
+        args = make_args(
+            output_dir,
+            max_steps=3,
+            save_strategy="steps",
+            save_steps=1,
+            optim="adamw_torch",  # optimizer state must be restored too
+            learning_rate=1e-2,
+            per_device_train_batch_size=4,
+            gradient_accumulation_steps=2,
+            **settings,
+        )
         return VAOPDTrainer(
             model=build_model("qwen3_vl", processor, "student"),
             teacher_model=build_model("qwen3_vl", processor, "teacher", seed=1),
-            args=make_args(tmp_path, max_steps=max_steps, save_strategy="steps", save_steps=1, learning_rate=1e-3),
+            args=args,
             train_dataset=image_question_dataset(8),
             processing_class=processor,
         )
 
-    trainer(1).train()
-    assert (tmp_path / "checkpoint-1").is_dir()
-    resumed = trainer(2)
-    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
-    assert resumed.state.global_step == 2
-    assert torch.isfinite(torch.tensor(resumed.state.log_history[-2]["loss"]))
+    straight = trainer(tmp_path / "straight")
+    straight.train()
+    resumed = trainer(tmp_path / "resumed")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "straight" / "checkpoint-1"))
+    assert resumed.state.global_step == 3
+    # Steps 2 and 3 repeat the uninterrupted run's: same rollouts, same losses, same weights (the resumed history
+    # starts with the checkpoint's step 1)
+    losses = [[e["loss"] for e in t.state.log_history if "loss" in e] for t in (straight, resumed)]
+    assert len(losses[0]) == 3 and losses[1] == losses[0]
+    for (name, p), q in zip(straight.model.named_parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(p, q), name
 
 
 def test_evaluation_scores_complete_sibling_groups(processors, tmp_path):
@@ -242,3 +309,56 @@ def test_evaluation_scores_complete_sibling_groups(processors, tmp_path):
     # 3 prompts x 4 siblings, one prompt per eval batch of 4 rollouts
     assert metrics["eval_weights/max"] > 0.25 > metrics["eval_weights/min"] > 0
     assert metrics["eval_va/mean"] > 0 and metrics["eval_loss"] > 0
+
+
+def _canned_completions(tokenizer, n: int = 8) -> list[list[int]]:
+    """Fixed completions of varied lengths, some ending with EOS: a stand-in for any generator's output."""
+    words = tokenizer.encode("The number shown in the picture is seven.")
+    return [words[: 1 + i % 5] + ([tokenizer.eos_token_id] if i % 2 else []) for i in range(n)]
+
+
+@pytest.mark.parametrize("method", ["va_opd", ["va_opd", "vgs"]])
+def test_padded_heads_train_like_heads_cut_to_the_tokenizer(processors, tmp_path, method):
+    processor = processors["qwen3_vl"]
+    size = len(processor.tokenizer)
+    canned = _canned_completions(processor.tokenizer)
+
+    def step(student, teacher, directory, completions=None):
+        args = make_args(
+            tmp_path / directory, method=method, per_device_train_batch_size=4, gradient_accumulation_steps=2
+        )
+        trainer = VAOPDTrainer(
+            model=student,
+            teacher_model=teacher,
+            args=args,
+            train_dataset=image_question_dataset(8),
+            processing_class=processor,
+        )
+        if completions is not None:
+            trainer._generate_single_turn = lambda prompt_ids, *args, **kwargs: [list(c) for c in completions]
+        before = {n: p.detach().clone() for n, p in student.named_parameters()}
+        trainer.train()
+        return trainer, {n: p.detach() - before[n] for n, p in trainer.model.named_parameters()}
+
+    def padded_pair():
+        # Student and teacher padded to different sizes, as Qwen2.5-VL-3B (151936 rows) and 7B (152064)
+        student = pad_output_head(build_model("qwen3_vl", processor, "student"), 5, seed=2)
+        return student, pad_output_head(build_model("qwen3_vl", processor, "teacher", seed=1), 11, seed=3)
+
+    cut, cut_delta = step(
+        build_model("qwen3_vl", processor, "student"),
+        build_model("qwen3_vl", processor, "teacher", seed=1),
+        "cut",
+        canned,
+    )
+    padded, padded_delta = step(*padded_pair(), "padded", canned)
+    assert padded._vocab_size == size and cut._vocab_size is None
+    assert padded.state.log_history[0]["loss"] == pytest.approx(cut.state.log_history[0]["loss"], rel=1e-5)
+    for name, delta in cut_delta.items():
+        torch.testing.assert_close(padded_delta[name][: delta.size(0)], delta, rtol=1e-4, atol=1e-7)
+        assert not padded_delta[name][delta.size(0) :].any()  # padding rows get no gradient
+
+    # Sampling from the padded student: its padding rows dominate the raw logits, yet none is ever sampled
+    sampled, _ = step(*padded_pair(), "sampled")
+    completions = _cat(sampled._buffered_inputs, "completion_ids")
+    assert completions.max() < size

@@ -8,7 +8,16 @@ import torch
 from trl import DistillationConfig
 from trl.import_utils import is_vllm_available
 
+from .objective import VA_TOKEN_MASKS
 from .views import VIEW_NAMES
+
+
+#: Each published method, as the component switches it turns on (every other switch is off).
+METHOD_COMPONENTS: dict[str, frozenset[str]] = {
+    "opd": frozenset(),
+    "va_opd": frozenset({"rollout_weighting", "token_grouping"}),
+    "vgs": frozenset({"vgs"}),
+}
 
 
 @dataclass
@@ -56,12 +65,53 @@ class VAOPDConfig(DistillationConfig):
             Softmax temperature `tau` of the rollout weights, `> 0`.
         va_eps (`float`, *optional*, defaults to `1e-6`):
             Stabiliser added to the standard deviation of sibling mean VAs, `> 0`.
-        rollout_weighting (`bool`, *optional*, defaults to `True`):
-            Whether to weight sibling rollouts by their relative mean VA. Off: uniform weights `1 / K`.
-        token_grouping (`bool`, *optional*, defaults to `True`):
+        method (`list[str]`, *optional*, defaults to `["va_opd"]`):
+            The published method(s) to run: `"opd"` (standard on-policy distillation), `"va_opd"` (VA-OPD), `"vgs"`
+            (Visual Gradient Steering), or a list that composes them, e.g. `["va_opd", "vgs"]` (VA-OPD's coefficients
+            then replace VGS's per-sequence mean). A single name may be given as a string. It presets the component
+            switches below; a switch given explicitly overrides the preset.
+        rollout_weighting (`bool`, *optional*):
+            Whether to weight sibling rollouts by their relative mean VA. Off: uniform weights `1 / K`. Defaults to the
+            `method` preset (on for `"va_opd"`).
+        token_grouping (`bool`, *optional*):
             Whether to average the KL separately over the high- and low-VA token groups. Off: the mean token KL of each
-            response. With both switches off the objective is standard OPD (mean token KL per response, mean over
-            responses).
+            response. With both switches off (and `vgs` off) the objective is standard OPD (mean token KL per
+            response, mean over responses). Defaults to the `method` preset (on for `"va_opd"`).
+        vgs (`bool`, *optional*):
+            Whether to use VGS's decomposed objective `l_std + gamma * l_vis + lambda * M * l_lang`, scaled by `eta`:
+            the teacher and the student both run under the original and the counterfactual view. Defaults to the
+            `method` preset (on for `"vgs"`).
+
+        > Parameters of VGS (used when `vgs` is on; the paper's values for a 2B student)
+
+        vgs_gamma (`float`, *optional*, defaults to `2.0`):
+            Weight `gamma >= 0` of the visual term `KL(p || q*)`.
+        vgs_lambda (`float`, *optional*, defaults to `0.01`):
+            Weight `lambda >= 0` of the language-prior term `KL(pbar || qbar)` on the masked tokens. With `0` the
+            student's counterfactual pass runs without gradient.
+        vgs_eta (`float`, *optional*, defaults to `0.41`):
+            Scale `eta > 0` of the whole loss (the paper: 0.41 for a 2B student, 0.36 for 4B).
+        vgs_lp_quantile (`float`, *optional*, defaults to `0.7`):
+            Quantile of the visual dependency score `VDS = KL(q || qbar)` over every valid token of the generation
+            batch above which a token is in the language-prior mask, in `(0, 1)`.
+        vgs_adaptive_gamma (`bool`, *optional*, defaults to `False`):
+            VGS's adaptive variant: `gamma_t = 0`, `gamma / 2` or `gamma` as the token's VDS is at most the first
+            quantile of `vgs_adaptive_gamma_quantiles`, between the two, or above the second.
+        vgs_adaptive_gamma_quantiles (`list[float]`, *optional*, defaults to `[0.4, 0.7]`):
+            The two VDS quantiles of the adaptive variant, `0 < low < high < 1`.
+
+        > Parameters of the analyses
+
+        va_token_mask (`str`, *optional*):
+            The paper's masking analysis (METHOD.md section 8): take the `"top"` (highest-VA), `"low"` (lowest-VA) or
+            `"random"` tokens of each response out of the KL, the rest averaged as in standard OPD. Needs
+            `token_grouping=False`. `None` masks nothing.
+        va_token_mask_fraction (`float`, *optional*, defaults to `0.1`):
+            Fraction of each response's valid tokens masked (at least one token stays), in `(0, 1)`.
+        log_va_metrics (`bool`, *optional*, defaults to `False`):
+            Under standard OPD no component needs the counterfactual view, so the teacher runs once per rollout as in
+            TRL and no VA metric is logged. Set this to score the counterfactual view anyway (one more teacher pass
+            per rollout) and log the VA metrics. Methods that need the view always log them.
 
     > [!NOTE]
     > These parameters have default values different from [`~trl.DistillationConfig`]:
@@ -112,17 +162,51 @@ class VAOPDConfig(DistillationConfig):
         default=1e-6,
         metadata={"help": "Stabiliser added to the standard deviation of sibling mean VAs, > 0."},
     )
-    rollout_weighting: bool = field(
-        default=True,
-        metadata={"help": "Whether to weight sibling rollouts by their relative mean VA (off: uniform 1/K)."},
+    method: list[str] = field(
+        default_factory=lambda: ["va_opd"],
+        metadata={
+            "help": "Published method(s) to run: opd, va_opd, vgs, or several to compose them (e.g. va_opd vgs). "
+            "Presets the component switches.",
+        },
     )
-    token_grouping: bool = field(
-        default=True,
-        metadata={"help": "Whether to average the KL separately over the high- and low-VA token groups."},
+    rollout_weighting: bool | None = field(
+        default=None,
+        metadata={"help": "Weight sibling rollouts by their relative mean VA (default: the method's preset)."},
+    )
+    token_grouping: bool | None = field(
+        default=None,
+        metadata={"help": "Average the KL separately over the high- and low-VA token groups (default: preset)."},
+    )
+    vgs: bool | None = field(
+        default=None,
+        metadata={"help": "Use VGS's decomposed objective (default: the method's preset)."},
+    )
+    vgs_gamma: float = field(default=2.0, metadata={"help": "VGS weight gamma >= 0 of the visual term."})
+    vgs_lambda: float = field(default=0.01, metadata={"help": "VGS weight lambda >= 0 of the language-prior term."})
+    vgs_eta: float = field(default=0.41, metadata={"help": "VGS scale eta > 0 of the whole loss."})
+    vgs_lp_quantile: float = field(
+        default=0.7, metadata={"help": "VDS quantile of the generation batch above which the LP mask is set."}
+    )
+    vgs_adaptive_gamma: bool = field(default=False, metadata={"help": "Use VGS's adaptive gamma variant."})
+    vgs_adaptive_gamma_quantiles: list[float] = field(
+        default_factory=lambda: [0.4, 0.7],
+        metadata={"help": "The two VDS quantiles of the adaptive gamma variant."},
+    )
+    va_token_mask: str | None = field(
+        default=None,
+        metadata={"help": "Masking analysis: take the top, low or random VA tokens out of the KL (default: none)."},
+    )
+    va_token_mask_fraction: float = field(
+        default=0.1, metadata={"help": "Fraction of each response's tokens masked by va_token_mask, in (0, 1)."}
+    )
+    log_va_metrics: bool = field(
+        default=False,
+        metadata={"help": "Score the counterfactual view under standard OPD too, to log the VA metrics."},
     )
 
     def __post_init__(self):
         super().__post_init__()
+        self._resolve_method()
         checks = [
             (self.num_generations >= 1, "num_generations", "must be >= 1"),
             (self.temperature > 0, "temperature", "must be > 0"),
@@ -132,6 +216,17 @@ class VAOPDConfig(DistillationConfig):
             (0.0 <= self.va_high_weight <= 1.0, "va_high_weight", "must be in [0, 1]"),
             (self.va_weight_temperature > 0, "va_weight_temperature", "must be > 0"),
             (self.va_eps > 0, "va_eps", "must be > 0"),
+            (self.vgs_gamma >= 0, "vgs_gamma", "must be >= 0"),
+            (self.vgs_lambda >= 0, "vgs_lambda", "must be >= 0"),
+            (self.vgs_eta > 0, "vgs_eta", "must be > 0"),
+            (0.0 < self.vgs_lp_quantile < 1.0, "vgs_lp_quantile", "must be in (0, 1)"),
+            (
+                len(self.vgs_adaptive_gamma_quantiles) == 2
+                and 0.0 < self.vgs_adaptive_gamma_quantiles[0] < self.vgs_adaptive_gamma_quantiles[1] < 1.0,
+                "vgs_adaptive_gamma_quantiles",
+                "must be two quantiles 0 < low < high < 1",
+            ),
+            (0.0 < self.va_token_mask_fraction < 1.0, "va_token_mask_fraction", "must be in (0, 1)"),
         ]
         for ok, name, rule in checks:
             if not ok:
@@ -141,6 +236,21 @@ class VAOPDConfig(DistillationConfig):
                 f"VAOPDConfig.counterfactual_view must be one of {', '.join(VIEW_NAMES)}, got "
                 f"{self.counterfactual_view!r}. For a custom view, pass a callable image -> image as the trainer's "
                 "`counterfactual_view` argument."
+            )
+        if self.va_token_mask is not None and self.va_token_mask not in VA_TOKEN_MASKS:
+            raise ValueError(
+                f"VAOPDConfig.va_token_mask must be one of {', '.join(VA_TOKEN_MASKS)} or None, got "
+                f"{self.va_token_mask!r}."
+            )
+        if self.va_token_mask is not None and self.token_grouping:
+            raise ValueError(
+                "VAOPDConfig.va_token_mask takes tokens out of each response's mean token KL, which token grouping "
+                "replaces: set token_grouping=False (e.g. method='opd', or method='va_opd' with token_grouping=False)."
+            )
+        if self.vgs and self.beta != 1.0:
+            raise ValueError(
+                f"VGS's terms are reverse KLs KL(p || .), but VAOPDConfig.beta={self.beta} asks for another divergence. "
+                "Set beta=1.0, or turn VGS off."
             )
         if self.use_vllm:
             # Refused here rather than after both models are loaded: colocated vLLM runs its engine on the training
@@ -163,3 +273,36 @@ class VAOPDConfig(DistillationConfig):
                 f"{generation_batch} rollouts) must hold whole groups of num_generations={self.num_generations} "
                 "siblings. Change one of these so the product is a multiple of num_generations."
             )
+
+    def _resolve_method(self) -> None:
+        """Check `method` and fill every component switch left at `None` from the method's preset."""
+        if isinstance(self.method, str):
+            self.method = [self.method]
+        self.method = list(self.method)
+        unknown = [name for name in self.method if name not in METHOD_COMPONENTS]
+        if unknown or not self.method:
+            raise ValueError(
+                f"VAOPDConfig.method must be one or more of {', '.join(METHOD_COMPONENTS)}, got {self.method!r}."
+            )
+        if len(set(self.method)) != len(self.method):
+            raise ValueError(f"VAOPDConfig.method lists a method twice: {self.method!r}.")
+        if "opd" in self.method and len(self.method) > 1:
+            raise ValueError(
+                f"VAOPDConfig.method={self.method!r}: 'opd' is the baseline with every component off, so it cannot be "
+                "combined with another method. Drop 'opd' from the list."
+            )
+        components = frozenset().union(*(METHOD_COMPONENTS[name] for name in self.method))
+        for switch in ("rollout_weighting", "token_grouping", "vgs"):
+            if getattr(self, switch) is None:
+                setattr(self, switch, switch in components)
+
+    @property
+    def needs_counterfactual(self) -> bool:
+        """Whether the teacher scores the counterfactual view: some component or analysis needs VA or `qbar`."""
+        return bool(
+            self.rollout_weighting
+            or self.token_grouping
+            or self.vgs
+            or self.va_token_mask is not None
+            or self.log_va_metrics
+        )

@@ -1,13 +1,15 @@
-"""`VAOPDTrainer`: TRL's `DistillationTrainer` with the VA-OPD objective.
+"""`VAOPDTrainer`: TRL's `DistillationTrainer` with vision-aware objectives (VA-OPD, VGS, and their composition).
 
 The adapter changes four things of its base and nothing else:
 1. sampling: each prompt is repeated `num_generations` times inside the generation batch;
-2. scoring: once per generation batch, the teacher scores every rollout under the original image and the
-   counterfactual view (both views in one batched call), giving visual advantages, rollout weights (over complete
-   sibling groups, across processes) and per-token coefficients; the original view's hidden states are kept;
-3. loss: the per-token divergence against those kept teacher states, weighted by the coefficients, so the teacher
-   runs exactly once more per rollout than in `DistillationTrainer` (the counterfactual view);
-4. metrics: VA concentration, group shares and per-group KL, logged through the base's `_metrics`.
+2. scoring: once per generation batch, the teacher scores every rollout under the views the run needs (the original
+   image, and the counterfactual view when a component needs it; both views in one batched call when they share a
+   token layout). Its hidden states are kept for the loss, and the pure objective functions turn its log-probabilities
+   into visual advantages, rollout weights (over complete sibling groups, across processes), per-token coefficients
+   and, for VGS, the language-prior mask and per-token gamma (quantiles over the whole generation batch);
+3. loss: the student runs once per view the objective needs (twice for VGS), and the per-token divergences against the
+   kept teacher states are weighted by those coefficients: the teacher never runs again for the loss;
+4. metrics: VA concentration, group shares, per-group KL and the VGS terms, logged through the base's `_metrics`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from __future__ import annotations
 import copy
 import textwrap
 from collections.abc import Callable
-from typing import Any
+from contextlib import nullcontext
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -23,29 +26,39 @@ from datasets import IterableDataset
 from PIL import Image
 from trl import DistillationTrainer
 from trl.data_utils import prepare_multimodal_messages
+from trl.models import prepare_deepspeed
 from trl.trainer.utils import (
     RepeatSampler,
+    create_model_from_path,
     pad,
     split_pixel_values_by_grid,
     unsplit_pixel_values_by_grid,
 )
 
-from .chunked import OutputHead, per_token_divergence, token_logprobs
+from .chunked import OutputHead, per_token_divergence, token_logprobs, vgs_divergences
 from .config import VAOPDConfig
 from .dataset_formats import row_images, validate_vaopd_dataset
 from .objective import (
+    adaptive_gamma,
     high_va_mask,
+    lp_mask,
+    mask_coefficients,
     rollout_weights,
     token_coefficients,
     uniform_rollout_weights,
     va_mass_share,
+    va_token_mask,
+    valid_quantile,
     vaopd_loss,
+    vgs_loss,
+    vgs_token_loss,
     visual_advantage,
 )
 from .views import CounterfactualView, get_view
+from .vocabulary import compared_vocab_size, load_tokenizer_of
 
 
-__all__ = ["VAOPDTrainer"]
+__all__ = ["TeacherScores", "VAOPDTrainer"]
 
 # Model inputs besides the token ids that `DistillationTrainer` carries per rollout for VLMs
 _MULTIMODAL_KEYS = (
@@ -60,9 +73,17 @@ _MULTIMODAL_KEYS = (
 )
 # Keys the scoring adds to each rollout of the generation batch, consumed by `_compute_loss`
 _TEACHER_HIDDEN = "teacher_hidden_states"
+_TEACHER_CF_HIDDEN = "teacher_counterfactual_hidden_states"
 _COEFFICIENTS = "vaopd_coefficients"
 _HIGH_MASK = "vaopd_high_mask"
 _NUM_PROMPTS = "vaopd_num_prompts"
+_LP_MASK = "vgs_lp_mask"
+_GAMMA = "vgs_gamma"
+# The counterfactual view's model inputs, per rollout: its pixel values (views that keep the image) or its text-only
+# prompt ("drop"); the completion and every other input are the original view's
+_CF_PIXELS = "counterfactual_pixel_values"
+_CF_PROMPT_IDS = "counterfactual_prompt_ids"
+_CF_PROMPT_MASK = "counterfactual_prompt_mask"
 
 
 def _slice_rows(batch: dict[str, Any], start: int, end: int) -> dict[str, Any]:
@@ -85,15 +106,32 @@ def _concat_rows(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any
     return out
 
 
+class TeacherScores(NamedTuple):
+    """What the teacher's scoring of a generation batch keeps, per rollout (counterfactual fields `None` when the run
+    does not need that view, hidden states of a view only when the loss needs them)."""
+
+    logp: torch.Tensor
+    """`(N, T)` log-probabilities of the sampled tokens, original view."""
+    hidden: torch.Tensor
+    """`(N, T, H_t)` hidden states, original view (the KL target)."""
+    cf_logp: torch.Tensor | None
+    """`(N, T)` log-probabilities of the same tokens under the counterfactual view."""
+    cf_hidden: torch.Tensor | None
+    """`(N, T, H_t)` hidden states under the counterfactual view (VGS's `qbar`)."""
+
+
 class VAOPDTrainer(DistillationTrainer):
     """
-    Trainer for Visual-Advantage On-Policy Distillation (VA-OPD) of vision-language models.
+    Trainer for vision-aware on-policy distillation of vision-language models: standard OPD, Visual-Advantage OPD
+    (VA-OPD), Visual Gradient Steering (VGS), or VA-OPD and VGS together, chosen by `VAOPDConfig.method`.
 
     A drop-in replacement for [`~trl.DistillationTrainer`] with the same constructor: the student samples
-    `num_generations` responses per (image, question) prompt, the frozen teacher scores every sampled token twice
-    (original image and a counterfactual view without fine detail), and the student minimises the per-token KL to the
-    teacher on the original image, reweighted by the tokens' visual advantage: sibling rollouts by their relative mean
-    VA, and within each response the high-VA and low-VA tokens averaged separately.
+    `num_generations` responses per (image, question) prompt and the frozen teacher scores every sampled token. With
+    VA-OPD it scores them twice (original image and a counterfactual view without fine detail), and the student
+    minimises the per-token KL to the teacher on the original image, reweighted by the tokens' visual advantage: sibling
+    rollouts by their relative mean VA, and within each response the high-VA and low-VA tokens averaged separately.
+    With VGS both models also run under the counterfactual view, and the loss is split into a language-prior and a
+    visual-grounding part, steered toward the visual one.
 
     Example:
 
@@ -103,7 +141,7 @@ class VAOPDTrainer(DistillationTrainer):
     >>> trainer = VAOPDTrainer(
     ...     model="Qwen/Qwen3-VL-2B-Instruct",
     ...     teacher_model="Qwen/Qwen3-VL-8B-Instruct",
-    ...     args=VAOPDConfig(output_dir="qwen3-vl-2b-vaopd"),
+    ...     args=VAOPDConfig(output_dir="qwen3-vl-2b-vaopd", method=["va_opd", "vgs"]),
     ...     train_dataset=dataset,  # columns "prompt" (conversational) and "images"
     ... )
     >>> trainer.train()
@@ -114,7 +152,8 @@ class VAOPDTrainer(DistillationTrainer):
         quantization_config, peft_config:
             As in [`~trl.DistillationTrainer`]. The teacher is required, the processing class must be a multimodal
             processor, every row must hold at least one image (`images` or `image` column), and train datasets must
-            be map-style (the sibling layout needs an indexable dataset).
+            be map-style (the sibling layout needs an indexable dataset). The teacher must share the student's
+            tokenizer; output heads padded to different sizes are compared over the tokenizer's tokens.
         args ([`VAOPDConfig`], *optional*):
             Configuration; a default `VAOPDConfig` when `None`.
         tools:
@@ -185,10 +224,13 @@ class VAOPDTrainer(DistillationTrainer):
             counterfactual_view if counterfactual_view is not None else args.counterfactual_view,
             args.pixelate_ratio,
         )
+        teacher_model, teacher_tokenizer = self._load_teacher(teacher_model, args)
 
+        # The base would refuse teachers whose output head is padded to another size than the student's: the teacher
+        # is set up below instead, once the student's tokenizer is known
         super().__init__(
             model=model,
-            teacher_model=teacher_model,
+            teacher_model=None,
             args=args,
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
@@ -204,9 +246,42 @@ class VAOPDTrainer(DistillationTrainer):
                 f"VLM), got {type(self.processing_class).__name__}. Pass `processing_class=AutoProcessor...`."
             )
         self._check_eval_batch()
+        student_rows = OutputHead.of(self.accelerator.unwrap_model(self.model)).num_rows
+        teacher_rows = OutputHead.of(teacher_model).num_rows
+        self._vocab_size = compared_vocab_size(student_rows, teacher_rows, self._tokenizer, teacher_tokenizer)
+        if self._vocab_size is not None and student_rows > self._vocab_size:
+            # Padding rows are no token: the student must not sample them, and they are not compared
+            padding = list(range(self._vocab_size, student_rows))
+            self.generation_config.suppress_tokens = [*(self.generation_config.suppress_tokens or []), *padding]
+        if self.is_deepspeed_enabled:
+            self.teacher_model = prepare_deepspeed(teacher_model, self.accelerator)
+        else:
+            self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
         # Resolved once: unwrapping and reading the head on every call is measurable overhead (benchmarks/README.md)
         self._teacher_module = self.accelerator.unwrap_model(self.teacher_model)
-        self._teacher_head = OutputHead.of(self._teacher_module)
+        self._teacher_head = OutputHead.of(self._teacher_module, self._vocab_size)
+        self.model.add_model_tags([name.replace("_", "-") for name in args.method])
+
+    @staticmethod
+    def _load_teacher(teacher_model, args: VAOPDConfig):
+        """The teacher model (loaded as `DistillationTrainer` loads it, when given by name or path) and its tokenizer
+        (`None` when it was passed as a model object)."""
+        if not isinstance(teacher_model, str):
+            if args.teacher_model_init_kwargs is not None:
+                raise ValueError(
+                    "VAOPDConfig.teacher_model_init_kwargs is set, but the teacher_model is already instantiated. "
+                    "Pass the teacher by name or path, or drop teacher_model_init_kwargs."
+                )
+            return teacher_model, None
+        kwargs = dict(args.teacher_model_init_kwargs or {})
+        if args.teacher_model_revision is not None:
+            kwargs.setdefault("revision", args.teacher_model_revision)
+        # Distributed training requires device_map=None ("auto" fails)
+        if args.distributed_state.distributed_type in ["MULTI_GPU", "DEEPSPEED"]:
+            kwargs["device_map"] = None
+        kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+        tokenizer = load_tokenizer_of(teacher_model, kwargs.get("revision"), kwargs["trust_remote_code"])
+        return create_model_from_path(teacher_model, **kwargs), tokenizer
 
     # ------------------------------------------------------------------ sampling
     @property
@@ -248,9 +323,9 @@ class VAOPDTrainer(DistillationTrainer):
             seed=self.args.seed,
         )
 
-    # ------------------------------------------------------------------ scoring
-    def _counterfactual_batch(self, inputs: list[dict[str, Any]], batch: dict[str, Any]) -> dict[str, Any]:
-        """The generation batch with the counterfactual view in place of each image."""
+    # ------------------------------------------------------------------ views
+    def _counterfactual_inputs(self, inputs: list[dict[str, Any]], batch: dict[str, Any]) -> dict[str, Any]:
+        """The counterfactual view's model inputs of every rollout, as per-rollout batch entries (`_CF_*` keys)."""
         view = self.counterfactual_view
         rows = [copy.deepcopy(x["prompt"]) for x in inputs]
         if view.keeps_layout:
@@ -266,8 +341,8 @@ class VAOPDTrainer(DistillationTrainer):
                 if key in batch and not torch.equal(torch.as_tensor(fields[key]).cpu(), batch[key].cpu()):
                     raise ValueError(
                         f"The counterfactual view {view.name!r} changed the processed image layout ({key} differs "
-                        "from the original's), so the two teacher views would not share token positions. Use a view "
-                        "that keeps the image size and aspect, or counterfactual_view='drop'."
+                        "from the original's), so the two views would not share token positions. Use a view that keeps "
+                        "the image size and aspect, or counterfactual_view='drop'."
                     )
             # Some processors return lists here (the base converts them the same way before generating)
             cf_pixels = fields["pixel_values"]
@@ -278,60 +353,78 @@ class VAOPDTrainer(DistillationTrainer):
                     f"The counterfactual view {view.name!r} changed the number of visual patches "
                     f"({tuple(cf_pixels.shape)} vs {tuple(batch['pixel_values'].shape)}); use a size-preserving view."
                 )
-            return {**batch, "pixel_values": cf_pixels}
+            # Split per rollout like the original pixels, so the base's shuffling and micro-batching carry them along
+            return {_CF_PIXELS: split_pixel_values_by_grid({**batch, "pixel_values": cf_pixels})["pixel_values"]}
         device = batch["prompt_ids"].device
         ids = [torch.tensor(p) for p in prompt_ids]
         return {
-            "prompt_ids": pad(ids, padding_value=self._tokenizer.pad_token_id, padding_side="left").to(device),
-            "prompt_mask": pad([torch.ones_like(t) for t in ids], padding_value=0, padding_side="left").to(device),
-            "completion_ids": batch["completion_ids"],
-            "completion_mask": batch["completion_mask"],
+            _CF_PROMPT_IDS: pad(ids, padding_value=self._tokenizer.pad_token_id, padding_side="left").to(device),
+            _CF_PROMPT_MASK: pad([torch.ones_like(t) for t in ids], padding_value=0, padding_side="left").to(device),
         }
 
-    def _teacher_hidden(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Teacher hidden states `(rows, completion_len, H)` aligned to the completion tokens of `batch`."""
-        batch = unsplit_pixel_values_by_grid(batch)
-        input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
-        attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
-        multimodal = {k: batch[k] for k in _MULTIMODAL_KEYS if k in batch}
+    @staticmethod
+    def _counterfactual_rows(rows: dict[str, Any]) -> dict[str, Any]:
+        """The counterfactual view of some rollouts, from their `_CF_*` entries."""
+        if _CF_PIXELS in rows:
+            return {**rows, "pixel_values": rows[_CF_PIXELS]}
+        keys = ("completion_ids", "completion_mask")
+        return {
+            "prompt_ids": rows[_CF_PROMPT_IDS],
+            "prompt_mask": rows[_CF_PROMPT_MASK],
+            **{k: rows[k] for k in keys},
+        }
+
+    def _hidden_states(self, model: torch.nn.Module, rows: dict[str, Any]) -> torch.Tensor:
+        """Last hidden states `(rows, completion_len, H)` of `model` aligned to the completion tokens of `rows`."""
+        rows = unsplit_pixel_values_by_grid(rows)
+        input_ids = torch.cat([rows["prompt_ids"], rows["completion_ids"]], dim=1)
+        attention_mask = torch.cat([rows["prompt_mask"], rows["completion_mask"]], dim=1)
+        multimodal = {k: rows[k] for k in _MULTIMODAL_KEYS if k in rows}
+        return self._get_last_hidden_state(
+            model, input_ids, attention_mask, rows["completion_ids"].size(1), **multimodal
+        )
+
+    # ------------------------------------------------------------------ scoring
+    def _teacher_hidden(self, rows: dict[str, Any]) -> torch.Tensor:
+        """Teacher hidden states of `rows`, through the teacher's wrapper so that ZeRO-3 gathers its shards."""
         self.teacher_model.eval()
-        unwrapped_teacher = self._teacher_module
         with torch.no_grad():
-            # Through the teacher's wrapper, so ZeRO-3 gathers its shards for the forward
             return self._forward_redirection(
-                self.teacher_model,
-                unwrapped_teacher,
-                self._get_last_hidden_state,
-                unwrapped_teacher,
-                input_ids,
-                attention_mask,
-                batch["completion_ids"].size(1),
-                **multimodal,
+                self.teacher_model, self._teacher_module, self._hidden_states, self._teacher_module, rows
             )
 
-    def _score_views(
-        self, batch: dict[str, Any], counterfactual: dict[str, Any], rows_per_call: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Teacher log-probs of the sampled tokens under both views, and the original view's hidden states."""
-        head = self._teacher_head
-        temperature = self.args.divergence_temperature
-        batch, counterfactual = split_pixel_values_by_grid(batch), split_pixel_values_by_grid(counterfactual)
+    def _score_views(self, batch: dict[str, Any], rows_per_call: int) -> TeacherScores:
+        """The teacher's scores of every rollout under the views the run needs, `rows_per_call` rollouts at a time."""
+        head, temperature = self._teacher_head, self.args.divergence_temperature
+        with_counterfactual, keep_cf_hidden = self.args.needs_counterfactual, self.args.vgs
+        batch = split_pixel_values_by_grid(batch)
         n = batch["completion_ids"].size(0)
-        logp_original, logp_counterfactual, hidden_original = [], [], []
+        logp, hidden, cf_logp, cf_hidden = [], [], [], []
         for start in range(0, n, rows_per_call):
             end = min(start + rows_per_call, n)
-            original, view = _slice_rows(batch, start, end), _slice_rows(counterfactual, start, end)
+            original = _slice_rows(batch, start, end)
             tokens, mask = original["completion_ids"], original["completion_mask"]
-            if self.counterfactual_view.keeps_layout:
+            if not with_counterfactual:
+                hidden_o = self._teacher_hidden(original)
+            elif self.counterfactual_view.keeps_layout:
                 # Same token layout: one teacher call scores both views
-                hidden = self._teacher_hidden(_concat_rows(original, view))
-                hidden_o, hidden_c = hidden[: end - start], hidden[end - start :]
+                both = self._teacher_hidden(_concat_rows(original, self._counterfactual_rows(original)))
+                hidden_o, hidden_c = both[: end - start], both[end - start :]
             else:
-                hidden_o, hidden_c = self._teacher_hidden(original), self._teacher_hidden(view)
-            logp_original.append(token_logprobs(hidden_o, head, tokens, mask, temperature))
-            logp_counterfactual.append(token_logprobs(hidden_c, head, tokens, mask, temperature))
-            hidden_original.append(hidden_o)
-        return torch.cat(logp_original), torch.cat(logp_counterfactual), torch.cat(hidden_original)
+                hidden_o = self._teacher_hidden(original)
+                hidden_c = self._teacher_hidden(self._counterfactual_rows(original))
+            logp.append(token_logprobs(hidden_o, head, tokens, mask, temperature))
+            hidden.append(hidden_o)
+            if with_counterfactual:
+                cf_logp.append(token_logprobs(hidden_c, head, tokens, mask, temperature))
+                if keep_cf_hidden:
+                    cf_hidden.append(hidden_c)
+        return TeacherScores(
+            logp=torch.cat(logp),
+            hidden=torch.cat(hidden),
+            cf_logp=torch.cat(cf_logp) if cf_logp else None,
+            cf_hidden=torch.cat(cf_hidden) if cf_hidden else None,
+        )
 
     def _sibling_groups(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
         """Global sibling-group id of each local rollout, checked against the prompts actually sampled."""
@@ -355,100 +448,175 @@ class VAOPDTrainer(DistillationTrainer):
             )
         return groups
 
+    def _gather_rows(self, values: torch.Tensor) -> torch.Tensor:
+        """`(N, T)` per-token values of the whole generation batch: every process's rollouts, padded to a common T."""
+        return self.accelerator.gather(self.accelerator.pad_across_processes(values, dim=1))
+
+    def _local_rows(self, gathered: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """This process's rows of a `_gather_rows` result, cut back to its own width."""
+        first = self.accelerator.process_index * like.size(0)
+        return gathered[first : first + like.size(0), : like.size(1)]
+
+    def _tie_breaker(self, like: torch.Tensor) -> torch.Tensor:
+        """Uniform noise for the masking analysis, drawn for the whole generation batch from `(seed, step)`: the same
+        for every split of the batch and after resuming from a checkpoint."""
+        generator = torch.Generator().manual_seed(self.args.seed * 1_000_003 + self.state.global_step)
+        rows = like.size(0) * self.accelerator.num_processes
+        width = int(self.accelerator.gather(torch.tensor([like.size(1)], device=like.device)).max())
+        noise = torch.rand((rows, width), generator=generator).to(like.device)
+        return self._local_rows(noise, like)
+
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         mode = "train" if self.model.training else "eval"
+        args = self.args
         batch = super()._generate_and_score_completions(inputs)
-        counterfactual = self._counterfactual_batch(inputs, batch)
-        micro_batch = (
-            self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
-        )
+        if args.needs_counterfactual:
+            batch.update(self._counterfactual_inputs(inputs, batch))
+        micro_batch = args.per_device_train_batch_size if mode == "train" else args.per_device_eval_batch_size
         # Both views of half a micro-batch per call: the teacher holds as many rows at once as in the base trainer
-        rows_per_call = max(1, micro_batch // 2) if self.counterfactual_view.keeps_layout else micro_batch
-        logp_original, logp_counterfactual, teacher_hidden = self._score_views(batch, counterfactual, rows_per_call)
+        both_views_per_call = args.needs_counterfactual and self.counterfactual_view.keeps_layout
+        rows_per_call = max(1, micro_batch // 2) if both_views_per_call else micro_batch
+        scores = self._score_views(batch, rows_per_call)
         mask = batch["completion_mask"]
-        va = visual_advantage(logp_original, logp_counterfactual, mask)
+        va = visual_advantage(scores.logp, scores.cf_logp, mask) if scores.cf_logp is not None else None
 
         # Rollout weights need every sibling: gather the per-rollout mean VA of the whole generation batch
         groups = self._sibling_groups(batch["prompt_ids"], batch["prompt_mask"])
-        mean_va = va.sum(dim=1) / mask.sum(dim=1).clamp(min=1)
-        all_mean_va, all_groups = self.accelerator.gather(mean_va), self.accelerator.gather(groups)
-        if self.args.rollout_weighting:
+        all_groups = self.accelerator.gather(groups)
+        if args.rollout_weighting:
+            mean_va = va.sum(dim=1) / mask.sum(dim=1).clamp(min=1)
             all_weights = rollout_weights(
-                all_mean_va.double(), all_groups, self.args.va_weight_temperature, self.args.va_eps
+                self.accelerator.gather(mean_va).double(), all_groups, args.va_weight_temperature, args.va_eps
             )
         else:
-            all_weights = uniform_rollout_weights(all_groups.cpu()).to(all_mean_va.device)
+            all_weights = uniform_rollout_weights(all_groups.cpu()).to(mask.device)
         n_local = mask.size(0)
         first = self.accelerator.process_index * n_local
         weights = all_weights[first : first + n_local]
         coefficients = token_coefficients(
-            va,
+            va if va is not None else torch.zeros(mask.shape, device=mask.device),
             mask,
             weights,
-            self.args.va_high_fraction,
-            self.args.va_high_weight,
-            group_tokens=self.args.token_grouping,
+            args.va_high_fraction,
+            args.va_high_weight,
+            group_tokens=args.token_grouping,
         )
-        high = high_va_mask(va, mask, self.args.va_high_fraction)
-        num_prompts = all_groups.unique().numel()
-
-        self._log_va_metrics(mode, va, mask, high, all_weights)
-        batch[_TEACHER_HIDDEN] = teacher_hidden
+        if args.va_token_mask is not None:
+            masked = va_token_mask(va, mask, args.va_token_mask, args.va_token_mask_fraction, self._tie_breaker(mask))
+            coefficients = mask_coefficients(coefficients, mask, masked)
+            self._log_pooled_share(mode, "mask/va_share", va, masked)
+        batch[_TEACHER_HIDDEN] = scores.hidden
         batch[_COEFFICIENTS] = coefficients.float()
-        batch[_HIGH_MASK] = high
-        batch[_NUM_PROMPTS] = torch.tensor(float(num_prompts), device=mask.device)
+        batch[_NUM_PROMPTS] = torch.tensor(float(all_groups.unique().numel()), device=mask.device)
+        if va is not None:
+            high = high_va_mask(va, mask, args.va_high_fraction)
+            batch[_HIGH_MASK] = high
+            self._log_va_metrics(mode, va, mask, high)
+        self._metrics[mode]["weights/max"].append(all_weights.max().item())
+        self._metrics[mode]["weights/min"].append(all_weights.min().item())
+        if args.vgs:
+            batch.update(self._vgs_token_settings(mode, scores, mask))
         return batch
 
-    def _log_va_metrics(
-        self, mode: str, va: torch.Tensor, mask: torch.Tensor, high: torch.Tensor, all_weights: torch.Tensor
-    ) -> None:
+    def _vgs_token_settings(self, mode: str, scores: TeacherScores, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """VGS's per-token language-prior mask and gamma, from quantiles of VDS over the whole generation batch."""
+        args = self.args
+        head = self._teacher_head
+        # VDS = KL(q || qbar): the teacher's own divergence between its two views, no gradient
+        with torch.no_grad():
+            vds, _ = per_token_divergence(
+                scores.hidden, scores.cf_hidden, head, head, mask, 1.0, args.divergence_temperature
+            )
+        all_vds, all_mask = self._gather_rows(vds), self._gather_rows(mask)
+        lp = self._local_rows(lp_mask(all_vds, all_mask, args.vgs_lp_quantile), mask)
+        if args.vgs_adaptive_gamma:
+            gamma = self._local_rows(
+                adaptive_gamma(all_vds, all_mask, args.vgs_gamma, args.vgs_adaptive_gamma_quantiles), mask
+            )
+        else:
+            gamma = torch.where(mask.bool(), args.vgs_gamma, 0.0).double()
+        metrics = self._metrics[mode]
+        valid = all_mask.bool()
+        metrics["vgs/vds"].append(all_vds[valid].mean().item() if valid.any() else 0.0)
+        metrics["vgs/lp_threshold"].append(valid_quantile(all_vds, all_mask, args.vgs_lp_quantile).item())
+        return {_TEACHER_CF_HIDDEN: scores.cf_hidden, _LP_MASK: lp, _GAMMA: gamma.float()}
+
+    def _log_pooled_share(self, mode: str, key: str, va: torch.Tensor, selected: torch.Tensor) -> None:
+        """Share of the whole generation batch's VA mass on the `selected` tokens."""
+        all_va, all_selected = self._gather_rows(va), self._gather_rows(selected)
+        total = all_va.sum()
+        self._metrics[mode][key].append((all_va[all_selected].sum() / total).item() if total > 0 else 0.0)
+
+    def _log_va_metrics(self, mode: str, va: torch.Tensor, mask: torch.Tensor, high: torch.Tensor) -> None:
         # Pool the whole generation batch: shares are ratios of global sums, not means of per-process ratios
-        va_all = self.accelerator.gather(self.accelerator.pad_across_processes(va, dim=1))
-        mask_all = self.accelerator.gather(self.accelerator.pad_across_processes(mask, dim=1))
-        high_all = self.accelerator.gather(self.accelerator.pad_across_processes(high, dim=1))
+        va_all, mask_all = self._gather_rows(va), self._gather_rows(mask)
         total = va_all[mask_all.bool()].sum()
         metrics = self._metrics[mode]
         metrics["va/mean"].append((total / mask_all.sum().clamp(min=1)).item())
         metrics["va/top10_share"].append(va_mass_share(va_all, mask_all, 0.1))
-        metrics["va/high_group_share"].append((va_all[high_all].sum() / total).item() if total > 0 else 0.0)
-        metrics["weights/max"].append(all_weights.max().item())
-        metrics["weights/min"].append(all_weights.min().item())
+        self._log_pooled_share(mode, "va/high_group_share", va, high)
 
     # ------------------------------------------------------------------ loss
     def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
-        input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
-        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
-        multimodal = {k: inputs[k] for k in _MULTIMODAL_KEYS if k in inputs}
-        student_hidden = self._get_last_hidden_state(
-            unwrapped_student, input_ids, attention_mask, inputs["completion_ids"].size(1), **multimodal
-        )
+        args = self.args
         mask = inputs["completion_mask"]
-        divergence, entropy = per_token_divergence(
-            student_hidden,
-            inputs[_TEACHER_HIDDEN],
-            OutputHead.of(unwrapped_student),
-            self._teacher_head,
-            mask,
-            self.args.beta,
-            self.args.divergence_temperature,
-        )
+        student_hidden = self._hidden_states(unwrapped_student, inputs)
+        student_head = OutputHead.of(unwrapped_student, self._vocab_size)
         # The optimiser sees the sum over accumulation steps and the mean over processes of these losses: scaling by
         # the process count makes that the gradient of L over the whole generation batch
-        loss = vaopd_loss(
-            divergence, inputs[_COEFFICIENTS], inputs[_NUM_PROMPTS].item() / self.accelerator.num_processes
-        )
-        high, valid = inputs[_HIGH_MASK], mask.bool()
+        num_prompts = inputs[_NUM_PROMPTS].item() / self.accelerator.num_processes
+        if args.vgs:
+            # pbar needs a gradient only for the language-prior term
+            with nullcontext() if args.vgs_lambda > 0 else torch.no_grad():
+                student_cf_hidden = self._hidden_states(unwrapped_student, self._counterfactual_rows(inputs))
+            standard, visual, language, entropy = vgs_divergences(
+                student_hidden,
+                student_cf_hidden,
+                inputs[_TEACHER_HIDDEN],
+                inputs[_TEACHER_CF_HIDDEN],
+                student_head,
+                self._teacher_head,
+                mask,
+                args.divergence_temperature,
+            )
+            lp = inputs[_LP_MASK]
+            token_loss = vgs_token_loss(standard, visual, language, inputs[_GAMMA], lp, args.vgs_lambda)
+            loss = vgs_loss(token_loss, inputs[_COEFFICIENTS], num_prompts, args.vgs_eta)
+            terms = torch.stack([standard, visual, language]).detach()
+            self._vgs_sums = torch.stack([*terms.sum(dim=(1, 2)), (language.detach() * lp).sum(), lp.sum()]).float()
+        else:
+            standard, entropy = per_token_divergence(
+                student_hidden,
+                inputs[_TEACHER_HIDDEN],
+                student_head,
+                self._teacher_head,
+                mask,
+                args.beta,
+                args.divergence_temperature,
+            )
+            loss = vaopd_loss(standard, inputs[_COEFFICIENTS], num_prompts)
+        valid = mask.bool()
+        high = inputs.get(_HIGH_MASK, torch.zeros_like(valid))
         low = valid & ~high
-        kl = divergence.detach()
+        kl = standard.detach()
         self._kl_group_sums = torch.stack([kl[high].sum(), high.sum(), kl[low].sum(), low.sum()]).float()
         return loss, entropy.sum(), valid.sum()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         output = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         # Gathered here, outside the wrapped forward, like the base's entropy metric. A plain gather: in evaluation,
-        # gather_for_metrics would trim this 4-vector as if its entries were samples of the last batch
-        sums = self.accelerator.gather(self._kl_group_sums).view(-1, 4).sum(dim=0)
+        # gather_for_metrics would trim these vectors as if their entries were samples of the last batch
         mode = "train" if self.model.training else "eval"
-        self._metrics[mode]["kl/high"].append((sums[0] / sums[1].clamp(min=1)).item())
-        self._metrics[mode]["kl/low"].append((sums[2] / sums[3].clamp(min=1)).item())
+        metrics = self._metrics[mode]
+        sums = self.accelerator.gather(self._kl_group_sums).view(-1, 4).sum(dim=0)
+        if _HIGH_MASK in inputs:
+            metrics["kl/high"].append((sums[0] / sums[1].clamp(min=1)).item())
+            metrics["kl/low"].append((sums[2] / sums[3].clamp(min=1)).item())
+        if self.args.vgs:
+            vgs = self.accelerator.gather(self._vgs_sums).view(-1, 5).sum(dim=0)
+            tokens = sums[1] + sums[3]
+            for i, name in enumerate(("standard", "visual", "language")):
+                metrics[f"vgs/{name}"].append((vgs[i] / tokens.clamp(min=1)).item())
+            metrics["vgs/language_masked"].append((vgs[3] / vgs[4].clamp(min=1)).item())
+            metrics["vgs/lp_share"].append((vgs[4] / tokens.clamp(min=1)).item())
         return output

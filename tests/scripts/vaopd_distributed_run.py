@@ -6,7 +6,8 @@ Every process builds the same tiny Qwen3-VL student (seed 0) and teacher (seed 1
 - `ranks`: per process, in process order, the generation batch exactly as the teacher scored it (`scored`: the inputs
   of `VAOPDTrainer._score_views` and the per-token teacher log-probabilities of both views it returned, in sampling
   order) and the micro-batches the loss consumed (`micro_batches`: `trainer._buffered_inputs`, with the
-  `vaopd_coefficients`);
+  `vaopd_coefficients` and, for VGS, the `vgs_lp_mask` and `vgs_gamma`);
+- `settings`: the objective's settings (method switches and hyperparameters), for the reference;
 - `log_history`, `before` / `after` (full student parameters, gathered under ZeRO-3), `trainable` (names),
   `teacher_sharding` (the teacher's size, and the part of it the main process holds), `world_size`, `distributed_type`.
 
@@ -26,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from conftest import image_question_dataset  # noqa: E402
+from conftest import image_question_dataset, pad_output_head  # noqa: E402
 
 from trl_vaopd import VAOPDConfig, VAOPDTrainer  # noqa: E402
 from trl_vaopd.tiny_models import build_model, build_processor, build_tokenizer  # noqa: E402
@@ -44,6 +45,26 @@ _KEPT = (
     "vaopd_coefficients",
     "vaopd_high_mask",
     "vaopd_num_prompts",
+    "vgs_lp_mask",
+    "vgs_gamma",
+)
+# The settings the float64 reference needs (a plain dict: the config itself holds the process state)
+_OBJECTIVE_SETTINGS = (
+    "counterfactual_view",
+    "pixelate_ratio",
+    "rollout_weighting",
+    "token_grouping",
+    "vgs",
+    "va_high_fraction",
+    "va_high_weight",
+    "va_weight_temperature",
+    "va_eps",
+    "vgs_gamma",
+    "vgs_lambda",
+    "vgs_eta",
+    "vgs_lp_quantile",
+    "vgs_adaptive_gamma",
+    "vgs_adaptive_gamma_quantiles",
 )
 
 
@@ -82,6 +103,10 @@ def main() -> None:
     parser.add_argument("--optim", default="sgd")
     parser.add_argument("--learning_rate", type=float, default=1.0)
     parser.add_argument("--lora", action="store_true")
+    parser.add_argument("--method", nargs="+", default=["va_opd"])
+    parser.add_argument("--view", default="pixelate")
+    # Output heads padded beyond the tokenizer to different sizes (student +5 rows, teacher +11)
+    parser.add_argument("--pad_heads", action="store_true")
     # A random tiny model almost never samples EOS; a logit bias gives completions of varied lengths (and masks)
     parser.add_argument("--eos_bias", type=float, default=3.0)
     cli = parser.parse_args()
@@ -90,6 +115,8 @@ def main() -> None:
     processor = build_processor("qwen3_vl", build_tokenizer())
     student = build_model("qwen3_vl", processor, "student", seed=0)
     teacher = build_model("qwen3_vl", processor, "teacher", seed=1)
+    if cli.pad_heads:
+        student, teacher = pad_output_head(student, 5, seed=2), pad_output_head(teacher, 11, seed=3)
     args = VAOPDConfig(
         output_dir=cli.output_dir,
         use_cpu=True,
@@ -110,6 +137,8 @@ def main() -> None:
         lr_scheduler_type="constant",
         max_grad_norm=0.0,
         generation_kwargs={"sequence_bias": [[[processor.tokenizer.eos_token_id], cli.eos_bias]]},
+        method=cli.method,
+        counterfactual_view=cli.view,
     )
     peft_config = None
     if cli.lora:
@@ -129,17 +158,16 @@ def main() -> None:
     scored = []
     score_views = trainer._score_views
 
-    def recording_score_views(batch, counterfactual, rows_per_call):
-        logp_original, logp_counterfactual, hidden = score_views(batch, counterfactual, rows_per_call)
+    def recording_score_views(batch, rows_per_call):
+        scores = score_views(batch, rows_per_call)
         scored.append(
             {
                 **to_cpu(batch),
-                "counterfactual_pixel_values": counterfactual["pixel_values"].detach().cpu().clone(),
-                "logp_original": logp_original.detach().cpu().clone(),
-                "logp_counterfactual": logp_counterfactual.detach().cpu().clone(),
+                "logp_original": scores.logp.detach().cpu().clone(),
+                "logp_counterfactual": scores.cf_logp.detach().cpu().clone(),
             }
         )
-        return logp_original, logp_counterfactual, hidden
+        return scores
 
     trainer._score_views = recording_score_views
 
@@ -170,12 +198,15 @@ def main() -> None:
                         p.ds_tensor.numel() if hasattr(p, "ds_id") else p.numel() for p in teacher_params
                     ),
                 },
+                "settings": {name: getattr(args, name) for name in _OBJECTIVE_SETTINGS},
+                "pad_heads": cli.pad_heads,
                 "world_size": trainer.accelerator.num_processes,
                 "distributed_type": str(trainer.accelerator.distributed_type),
             },
             cli.out,
         )
     trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
 
 
 if __name__ == "__main__":

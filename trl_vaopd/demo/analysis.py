@@ -59,7 +59,7 @@ def kl_va_alignment(
                 continue
             k = max(1, math.ceil(0.1 * n - 1e-9))
             row_va, row_kl = va[row, valid], kl[row, valid]
-            # Ties broken at random, as MaskedKLTrainer does
+            # Ties broken at random, as the trainer's `va_token_mask` does
             shuffle = torch.randperm(n, generator=generator)
             top = shuffle[torch.sort(row_va[shuffle], descending=True, stable=True).indices[:k]]
             low = shuffle[torch.sort(row_va[shuffle], stable=True).indices[:k]]

@@ -3,19 +3,17 @@
 `run_distillation(models, method, seed, steps)` distils the cached student from the cached teacher with
 `VAOPDTrainer` under one of these objectives, all with the same rollouts per step, steps and optimiser:
 
-| method           | rollout weighting | token grouping | KL mask                                   |
-|------------------|-------------------|----------------|-------------------------------------------|
-| `opd`            | off               | off            | none (standard OPD, METHOD.md section 6)  |
-| `vaopd`          | on                | on             | none                                      |
-| `weighting_only` | on                | off            | none                                      |
-| `grouping_only`  | off               | on             | none                                      |
-| `mask_top10`     | off               | off            | the 10% highest-VA tokens of each response |
-| `mask_low10`     | off               | off            | the 10% lowest-VA tokens of each response  |
-| `mask_random10`  | off               | off            | 10% of each response's tokens, at random   |
+| method           | `VAOPDConfig` settings                               | what the loss is                            |
+|------------------|------------------------------------------------------|---------------------------------------------|
+| `opd`            | `method="opd"`                                       | standard OPD (METHOD.md section 6)          |
+| `vaopd`          | `method="va_opd"`                                    | VA-OPD: rollout weighting + token grouping  |
+| `weighting_only` | `method="va_opd", token_grouping=False`              | rollout weighting alone                     |
+| `grouping_only`  | `method="va_opd", rollout_weighting=False`           | token grouping alone                        |
+| `mask_top10`     | `method="opd", va_token_mask="top"`                  | OPD without the 10% highest-VA tokens       |
+| `mask_low10`     | `method="opd", va_token_mask="low"`                  | OPD without the 10% lowest-VA tokens        |
+| `mask_random10`  | `method="opd", va_token_mask="random"`               | OPD without 10% random tokens               |
 
-The masking variants are standard OPD with some tokens taken out of the KL: each response's loss is the mean KL of
-its remaining tokens (ties in VA are broken at random). They subclass `VAOPDTrainer` (`MaskedKLTrainer`) and rewrite the per-token coefficients after
-scoring; the trainer itself is untouched.
+Every run scores the counterfactual view (`log_va_metrics=True`), so the VA metrics exist for every method.
 
 Along the run, every `eval_every` steps, the student is evaluated on a fixed probe set of validation items: greedy
 accuracy, and its own visual reliance, the mean per-token gap `log p_S(y_t | v) - log p_S(y_t | v~)` between the
@@ -35,7 +33,6 @@ import torch
 from transformers import TrainerCallback
 
 from ..config import VAOPDConfig
-from ..objective import visual_advantage
 from ..trainer import VAOPDTrainer
 from .models import DemoModels, _Encoder, completion_logits, evaluate, generate, suppressed_token_ids
 from .task import DEFAULT_TASK, RectangleItem, TaskConfig, build_dataset
@@ -44,21 +41,20 @@ from .task import DEFAULT_TASK, RectangleItem, TaskConfig, build_dataset
 __all__ = [
     "METHODS",
     "DistillSpec",
-    "MaskedKLTrainer",
     "run_distillation",
     "score_views",
     "visual_reliance",
 ]
 
-#: method -> (rollout_weighting, token_grouping, mask)
-METHODS: dict[str, tuple[bool, bool, str | None]] = {
-    "opd": (False, False, None),
-    "vaopd": (True, True, None),
-    "weighting_only": (True, False, None),
-    "grouping_only": (False, True, None),
-    "mask_top10": (False, False, "top"),
-    "mask_low10": (False, False, "low"),
-    "mask_random10": (False, False, "random"),
+#: method -> the `VAOPDConfig` settings that select it
+METHODS: dict[str, dict[str, Any]] = {
+    "opd": {"method": "opd"},
+    "vaopd": {"method": "va_opd"},
+    "weighting_only": {"method": "va_opd", "token_grouping": False},
+    "grouping_only": {"method": "va_opd", "rollout_weighting": False},
+    "mask_top10": {"method": "opd", "va_token_mask": "top"},
+    "mask_low10": {"method": "opd", "va_token_mask": "low"},
+    "mask_random10": {"method": "opd", "va_token_mask": "random"},
 }
 
 
@@ -77,68 +73,6 @@ class DistillSpec:
     eval_every: int = 25
     probe_size: int = 64
     final_samples: int = 8
-
-
-class MaskedKLTrainer(VAOPDTrainer):
-    """`VAOPDTrainer` with a fraction of each response's tokens taken out of the KL, chosen by the teacher's VA.
-
-    After the base scoring, every response's coefficients are replaced by `w_k / |kept|` on its kept tokens (0 on the
-    masked ones), so each response still sums to its rollout weight and the loss is the mean KL over kept tokens.
-
-    Args:
-        mask_mode: `"top"` (the highest-VA tokens), `"low"` (the lowest-VA tokens) or `"random"`.
-        mask_fraction: Fraction of each response's valid tokens masked (`ceil(fraction * n)`, at most `n - 1`).
-    """
-
-    def __init__(self, *args, mask_mode: str = "top", mask_fraction: float = 0.1, **kwargs):
-        if mask_mode not in ("top", "low", "random"):
-            raise ValueError(f"mask_mode must be 'top', 'low' or 'random', got {mask_mode!r}")
-        self.mask_mode, self.mask_fraction = mask_mode, mask_fraction
-        self._last_view_logps: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._mask_generator = torch.Generator()
-        super().__init__(*args, **kwargs)
-        self._mask_generator.manual_seed(self.args.seed)
-
-    def _score_views(self, batch, counterfactual, rows_per_call):
-        logp_original, logp_counterfactual, hidden = super()._score_views(batch, counterfactual, rows_per_call)
-        self._last_view_logps = (logp_original, logp_counterfactual)
-        return logp_original, logp_counterfactual, hidden
-
-    def masked_tokens(self, va: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Boolean `(N, T)` mask of the tokens taken out of the KL."""
-        valid = mask.bool()
-        n_valid = valid.sum(dim=1)
-        k = torch.minimum(torch.ceil(n_valid.double() * self.mask_fraction - 1e-9).long(), (n_valid - 1).clamp(min=0))
-        if self.mask_mode == "random":
-            keys = torch.zeros(va.shape, dtype=torch.float64, device=va.device)
-        elif self.mask_mode == "top":
-            keys = va.double()
-        else:
-            keys = -va.double()
-        keys = torch.where(valid, keys, torch.full_like(keys, -math.inf))
-        # Ties are broken at random, not by position: about a third of the tokens have a VA of exactly 0 (the gap is
-        # clipped), and a positional rule would always pick the first ones, which in the demo's answers hold the
-        # stated width (the random mask is the all-ties case)
-        shuffle = torch.rand(va.shape, generator=self._mask_generator).argsort(dim=1).to(va.device)
-        order = shuffle.gather(1, torch.sort(keys.gather(1, shuffle), dim=1, descending=True, stable=True).indices)
-        rank = torch.empty_like(order).scatter_(1, order, torch.arange(va.size(1), device=va.device).expand_as(order))
-        return valid & (rank < k.unsqueeze(1))
-
-    def _generate_and_score_completions(self, inputs):
-        batch = super()._generate_and_score_completions(inputs)
-        mask = batch["completion_mask"]
-        va = visual_advantage(*self._last_view_logps, mask)
-        masked = self.masked_tokens(va, mask)
-        kept = mask.bool() & ~masked
-        coefficients = batch["vaopd_coefficients"]
-        weights = coefficients.sum(dim=1, keepdim=True)
-        batch["vaopd_coefficients"] = torch.where(
-            kept, weights / kept.sum(dim=1, keepdim=True).clamp(min=1), torch.zeros_like(coefficients)
-        )
-        mode = "train" if self.model.training else "eval"
-        total = va[mask.bool()].sum()
-        self._metrics[mode]["mask/va_share"].append((va[masked].sum() / total).item() if total > 0 else 0.0)
-        return batch
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -243,7 +177,6 @@ def run_distillation(
 
     if method not in METHODS:
         raise ValueError(f"Unknown method {method!r}; expected one of {list(METHODS)}")
-    weighting, grouping, mask_mode = METHODS[method]
     task = models.setup.task
     processor = models.processor()
     teacher, student = models.teacher(), models.student()
@@ -271,8 +204,8 @@ def run_distillation(
         adam_beta2=0.95,
         weight_decay=0.1,
         max_grad_norm=1.0,
-        rollout_weighting=weighting,
-        token_grouping=grouping,
+        **METHODS[method],
+        log_va_metrics=True,
         logging_steps=1,
         save_strategy="no",
         report_to=[],
@@ -284,17 +217,12 @@ def run_distillation(
         data_seed=seed,
         generation_kwargs={"suppress_tokens": suppressed_token_ids(processor.tokenizer)},
     )
-    kwargs: dict[str, Any] = {}
-    trainer_cls = VAOPDTrainer
-    if mask_mode is not None:
-        trainer_cls, kwargs = MaskedKLTrainer, {"mask_mode": mask_mode, "mask_fraction": 0.1}
-    trainer = trainer_cls(
+    trainer = VAOPDTrainer(
         model=student,
         teacher_model=teacher,
         args=args,
         train_dataset=train_dataset,
         processing_class=processor,
-        **kwargs,
     )
     for callback in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(callback)
@@ -335,7 +263,7 @@ def run_distillation(
         "va_mean": mean("va/mean"),
         "va_top10_share": mean("va/top10_share"),
     }
-    if mask_mode is not None:
+    if args.va_token_mask is not None:
         result["masked_va_share"] = mean("mask/va_share")
     if keep_trainer:
         result["trainer"] = trainer

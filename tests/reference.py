@@ -1,0 +1,147 @@
+"""An independent float64 reference of the objectives over a whole generation batch of the tiny Qwen3-VL models.
+
+It shares nothing with the trainer's scoring path: full `.logits` of float64 models, one rollout at a time, the images
+and their counterfactual views rebuilt here from the dataset's images (`conftest.noise_image`), the text-only prompt
+of the "drop" view tokenized here, sibling groups by picture. The per-token objective math comes from
+`trl_vaopd.objective`, whose functions the analytic tests pin down (the specifications' worked examples).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from conftest import noise_image
+
+from trl_vaopd.objective import (
+    adaptive_gamma,
+    lp_mask,
+    rollout_weights,
+    token_coefficients,
+    uniform_rollout_weights,
+    vgs_loss,
+    vgs_token_loss,
+    vgs_token_terms,
+    visual_advantage,
+)
+from trl_vaopd.views import get_view
+
+
+@dataclass
+class Rollout:
+    """One rollout: its valid prompt and completion ids, the picture of its prompt, and where the trainer held it."""
+
+    prompt: torch.Tensor
+    completion: torch.Tensor
+    picture: int
+    index: int = 0
+    rank: int = 0
+
+
+def rollouts_of(batches: list[dict], tokenizer, rank: int = 0) -> list[Rollout]:
+    """The rollouts of batches holding `prompt_ids`, `prompt_mask`, `completion_ids`, `completion_mask`, in order."""
+    rows = []
+    for batch in batches:
+        for i, (p, pm, c, cm) in enumerate(
+            zip(
+                batch["prompt_ids"],
+                batch["prompt_mask"],
+                batch["completion_ids"],
+                batch["completion_mask"],
+                strict=True,
+            )
+        ):
+            prompt = p[pm.bool()].cpu()
+            picture = int(re.search(r"picture (\d+)", tokenizer.decode(prompt)).group(1))
+            rows.append(Rollout(prompt, c[cm.bool()].cpu(), picture, i, rank))
+    return rows
+
+
+def rollout_key(row: Rollout) -> tuple:
+    """What identifies a rollout wherever the trainer moved it: its prompt and completion tokens."""
+    return tuple(row.prompt.tolist()), tuple(row.completion.tolist())
+
+
+def _logits(model, processor, row: Rollout, view: str, pixelate_ratio: float) -> torch.Tensor:
+    """`(n, V)` float64 logits predicting the row's completion tokens under `view` ("original" or a view name), over
+    the tokenizer's vocabulary (a padded head's extra rows are no token)."""
+    image = noise_image(row.picture)
+    if view == "drop":
+        text = [
+            {"role": "user", "content": [{"type": "text", "text": f"What number is shown in picture {row.picture}?"}]}
+        ]
+        prompt = torch.tensor(processor.apply_chat_template(text, add_generation_prompt=True, tokenize=True)[0])
+        ids = torch.cat([prompt, row.completion]).unsqueeze(0)
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    else:
+        if view != "original":
+            image = get_view(view, pixelate_ratio)(image)
+        prompt = row.prompt
+        ids = torch.cat([prompt, row.completion]).unsqueeze(0)
+        vision = processor.image_processor(images=[image], return_tensors="pt")
+        image_token = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        out = model(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            pixel_values=vision["pixel_values"].double(),
+            image_grid_thw=vision["image_grid_thw"],
+            mm_token_type_ids=(ids == image_token).long(),
+        )
+    start = prompt.numel() - 1
+    return out.logits[0, start : start + row.completion.numel(), : len(processor.tokenizer)].double()
+
+
+def _stack(rows: list[Rollout], values: list[torch.Tensor]) -> torch.Tensor:
+    """Per-row `(n_i, ...)` values, right-padded with zeros into `(N, T, ...)`."""
+    width = max(row.completion.numel() for row in rows)
+    out = values[0].new_zeros((len(rows), width, *values[0].shape[1:]))
+    for i, value in enumerate(values):
+        out[i, : value.size(0)] = value
+    return out
+
+
+def reference(rows: list[Rollout], student, teacher, processor, args) -> dict:
+    """METHOD.md's (and VGS.md's) quantities and loss `L` for `args`, over the rollouts `rows` (the whole batch).
+
+    `student` and `teacher` are converted to float64 in place; the returned `loss` carries the student's gradient.
+    """
+    student, teacher = student.double(), teacher.double()
+    view = args.counterfactual_view
+    mask = _stack(rows, [torch.ones(row.completion.numel(), dtype=torch.long) for row in rows])
+    completions = _stack(rows, [row.completion for row in rows])
+
+    def logits(model, name):
+        return _stack(rows, [_logits(model, processor, row, name, args.pixelate_ratio) for row in rows])
+
+    def token_logp(lg):
+        return torch.log_softmax(lg, -1).gather(-1, completions.unsqueeze(-1)).squeeze(-1)
+
+    with torch.no_grad():
+        teacher_logits, teacher_cf_logits = logits(teacher, "original"), logits(teacher, view)
+    va = visual_advantage(token_logp(teacher_logits), token_logp(teacher_cf_logits), mask)
+    groups = [row.picture for row in rows]
+    if args.rollout_weighting:
+        weights = rollout_weights(va.sum(1) / mask.sum(1), groups, args.va_weight_temperature, args.va_eps)
+    else:
+        weights = uniform_rollout_weights(groups)
+    coefficients = token_coefficients(
+        va, mask, weights, args.va_high_fraction, args.va_high_weight, group_tokens=args.token_grouping
+    )
+    num_prompts = len(set(groups))
+    student_logits = logits(student, "original")
+    out = {"rows": rows, "va": va, "mask": mask, "weights": weights, "coefficients": coefficients}
+    if args.vgs:
+        terms = vgs_token_terms(student_logits, logits(student, view), teacher_logits, teacher_cf_logits, mask)
+        lp = lp_mask(terms.vds, mask, args.vgs_lp_quantile)
+        if args.vgs_adaptive_gamma:
+            gamma = adaptive_gamma(terms.vds, mask, args.vgs_gamma, args.vgs_adaptive_gamma_quantiles)
+        else:
+            gamma = args.vgs_gamma * mask.double()
+        token_loss = vgs_token_loss(terms.standard, terms.visual, terms.language, gamma, lp, args.vgs_lambda)
+        out.update(terms=terms, lp=lp, gamma=gamma, loss=vgs_loss(token_loss, coefficients, num_prompts, args.vgs_eta))
+    else:
+        log_ps, log_pt = torch.log_softmax(student_logits, -1), torch.log_softmax(teacher_logits, -1)
+        kl = (log_ps.exp() * (log_ps - log_pt)).sum(-1) * mask
+        out["loss"] = (coefficients * kl).sum() / num_prompts
+    return out
