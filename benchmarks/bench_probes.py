@@ -129,6 +129,7 @@ class StepRecorder(TrainerCallback):
                 "wall": {"step_s": now[0] - self._last[0], "phases_s": wall},
                 "cpu": {"step_s": now[1] - self._last[1], "phases_s": cpu},
                 "teacher_rows": self.probe["teacher_rows"],
+                "student_rows": self.probe["student_rows"],
                 "teacher_calls": self.probe["teacher_calls"],
                 "rollouts": self.probe["rollouts"],
                 "completion_lengths": sorted(set(self.probe["completion_lengths"])),
@@ -141,18 +142,18 @@ class StepRecorder(TrainerCallback):
         self._start()
 
     def _reset_counters(self):
-        self.probe.update(teacher_rows=0, teacher_calls=0, rollouts=0, completion_lengths=[])
+        self.probe.update(teacher_rows=0, teacher_calls=0, student_rows=0, rollouts=0, completion_lengths=[])
 
 
 def _backbone_hooks(module: torch.nn.Module, clock: PhaseClock, name: str, on_call=None, skip_inside=None):
     timed: list[bool] = []
 
     def pre(mod, args, kwargs):
-        if on_call is not None:
-            on_call(kwargs)
-        # Inside generation the student's forwards belong to generation: no phase (and no CUDA sync per token)
+        # Inside generation the student's forwards belong to generation: no phase (and no CUDA sync per token), no count
         timed.append(not (skip_inside and clock.inside(skip_inside)))
         if timed[-1]:
+            if on_call is not None:
+                on_call(kwargs)
             clock.push(name)
 
     def post(mod, args, kwargs, output):
@@ -167,17 +168,23 @@ def instrument(trainer, student, teacher, clock: PhaseClock, is_vaopd: bool, tur
     """Patch `trainer` (and the kernels, in this process) so every phase is timed and every teacher row counted."""
     from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
 
+    from trl_vaopd.chunked import _VGSDivergences
+
     probe: dict = {}
     recorder = StepRecorder(clock, probe, turn)
     recorder._reset_counters()
 
-    # Teacher forwards, counted at the backbone: every scoring path (TRL's loss, VA-OPD's scoring) goes through it
+    # Forwards, counted at the backbones: every scoring path (TRL's loss, VA-OPD's scoring) and every student pass of
+    # the loss goes through them
     def count(kwargs):
         probe["teacher_rows"] += int(kwargs["input_ids"].size(0))
         probe["teacher_calls"] += 1
 
+    def count_student(kwargs):
+        probe["student_rows"] += int(kwargs["input_ids"].size(0))
+
     _backbone_hooks(teacher.base_model, clock, "teacher_forward", on_call=count)
-    _backbone_hooks(student.base_model, clock, "student_forward", skip_inside="generation")
+    _backbone_hooks(student.base_model, clock, "student_forward", on_call=count_student, skip_inside="generation")
 
     generate = trainer._generate
 
@@ -195,10 +202,10 @@ def instrument(trainer, student, teacher, clock: PhaseClock, is_vaopd: bool, tur
     trainer._clip_grad_norm = clock.wrap(trainer._clip_grad_norm, "optimizer")
     trainer.accelerator.backward = clock.wrap(trainer.accelerator.backward, "backward")
 
-    # The divergence kernel (both trainers): forward and backward, patched on the class in this run's process only
-    for method, name in (("forward", "objective_forward"), ("backward", "objective_backward")):
-        original = getattr(ChunkedDivergenceFunction, method)
-        setattr(ChunkedDivergenceFunction, method, staticmethod(clock.wrap(original, name)))
+    # The divergence kernels (TRL's, and VGS's): forward and backward, patched on the class in this process only
+    for kernel in (ChunkedDivergenceFunction, _VGSDivergences):
+        for method, name in (("forward", "objective_forward"), ("backward", "objective_backward")):
+            setattr(kernel, method, staticmethod(clock.wrap(getattr(kernel, method), name)))
 
     if is_vaopd:
         import trl_vaopd.trainer as vaopd_module
@@ -206,9 +213,10 @@ def instrument(trainer, student, teacher, clock: PhaseClock, is_vaopd: bool, tur
         # VA-OPD's own steps. A name the trainer no longer has is skipped: its time then counts in its caller's phase
         for method, name in (
             ("_score_views", "teacher_scoring"),
-            ("_counterfactual_batch", "counterfactual_view"),
+            ("_counterfactual_inputs", "counterfactual_view"),
             ("_sibling_groups", "va_bookkeeping"),
             ("_log_va_metrics", "va_bookkeeping"),
+            ("_vgs_token_settings", "va_bookkeeping"),
         ):
             if hasattr(trainer, method):
                 setattr(trainer, method, clock.wrap(getattr(trainer, method), name))
@@ -220,20 +228,22 @@ def instrument(trainer, student, teacher, clock: PhaseClock, is_vaopd: bool, tur
             ("high_va_mask", "va_bookkeeping"),
             ("token_logprobs", "teacher_logprob"),
             ("vaopd_loss", "objective_forward"),
+            ("vgs_token_loss", "objective_forward"),
+            ("vgs_loss", "objective_forward"),
         ):
             if hasattr(vaopd_module, function):
                 setattr(vaopd_module, function, clock.wrap(getattr(vaopd_module, function), name))
 
-        # The teacher's original-view hidden states kept for the whole generation batch: VA-OPD's extra memory
+        # The teacher's hidden states kept for the whole generation batch (VGS: of both views): the extra memory
         outer = trainer._generate_and_score_completions
-        key = getattr(vaopd_module, "_TEACHER_HIDDEN", "teacher_hidden_states")
+        keys = (vaopd_module._TEACHER_HIDDEN, vaopd_module._TEACHER_CF_HIDDEN)
 
         def keep_cache_size(inputs):
             batch = outer(inputs)
-            cached = batch.get(key)
-            if isinstance(cached, torch.Tensor):
-                size = cached.numel() * cached.element_size()
-                probe["teacher_cache_bytes"] = max(probe.get("teacher_cache_bytes", 0), size)
+            size = sum(
+                batch[k].numel() * batch[k].element_size() for k in keys if isinstance(batch.get(k), torch.Tensor)
+            )
+            probe["teacher_cache_bytes"] = max(probe.get("teacher_cache_bytes", 0), size)
             return batch
 
         trainer._generate_and_score_completions = keep_cache_size

@@ -1,20 +1,22 @@
 #!/usr/bin/env python
-"""Cost of VA-OPD next to standard on-policy distillation (OPD), measured on identical models, data and lengths.
+"""Cost of VA-OPD and VGS next to standard on-policy distillation (OPD), measured on identical models, data and lengths.
 
-Three trainers run on the same student/teacher weights, the same prompts and images, the same number of rollouts per
+Five trainers run on the same student/teacher weights, the same prompts and images, the same number of rollouts per
 optimizer step and exactly the same completion length (EOS and every special token are suppressed and
 `min_new_tokens = max_completion_length`):
 
 * `trl_opd`   TRL's `DistillationTrainer` (the reference OPD). It has no K, so its dataset repeats each prompt K times;
-* `vaopd_off` `VAOPDTrainer` with rollout weighting and token grouping off (standard OPD objective);
-* `vaopd`     `VAOPDTrainer` (VA-OPD).
+* `vaopd_off` `VAOPDTrainer` with `method="opd"` (standard OPD objective, one teacher pass per rollout);
+* `vaopd`     `VAOPDTrainer` with `method="va_opd"` (VA-OPD, pixelate view);
+* `vgs`       `VAOPDTrainer` with `method="vgs"` and the text-only "drop" view, as the VGS paper runs it;
+* `vaopd_vgs` `VAOPDTrainer` with `method=["va_opd", "vgs"]` (pixelate view, which gives both VA and pbar/qbar).
 
 Each run is a fresh process forked from this one (libraries imported once, models built in the child), so its peak
 memory is its own. The runs of one comparison live side by side and take their optimizer steps in turn (lock-step), so
 load from other jobs on the machine hits them alike. Per optimizer step a run records its wall and CPU time, the
 exclusive time of each phase (generation, teacher forward, teacher log-prob heads, counterfactual view, student
 forward, backward, divergence kernel, VA bookkeeping, optimizer) and the number of rows (sequences) the teacher backbone
-processed, counted by a forward pre-hook on `teacher.base_model`. Peak memory is the allocator peak on GPU; on CPU it is
+and the student backbone (outside generation) processed, counted by forward pre-hooks on their `base_model`. Peak memory is the allocator peak on GPU; on CPU it is
 the peak RSS of a separate short run with fixed malloc thresholds (see `_fixed_malloc_thresholds`).
 
 Usage (CPU, a few minutes on 2 cores; one torch thread per run, ratios on CPU time):
@@ -70,8 +72,17 @@ from trl_vaopd import VAOPDConfig, VAOPDTrainer  # noqa: E402
 from trl_vaopd.tiny_models import build_processor, build_tokenizer  # noqa: E402
 
 
-TRAINERS = ("trl_opd", "vaopd_off", "vaopd")
+TRAINERS = ("trl_opd", "vaopd_off", "vaopd", "vgs", "vaopd_vgs")
 PAIR = ("trl_opd", "vaopd")
+# The trainers whose teacher and student passes are counted over several micro-batch x accumulation layouts
+LAYOUT_TRAINERS = ("trl_opd", "vaopd", "vaopd_vgs")
+# `VAOPDConfig` settings of each VAOPDTrainer run
+SETTINGS = {
+    "vaopd_off": {"method": "opd"},
+    "vaopd": {"method": "va_opd"},
+    "vgs": {"method": "vgs", "counterfactual_view": "drop"},
+    "vaopd_vgs": {"method": ["va_opd", "vgs"]},
+}
 # Phases whose work differs between the trainers by design. `loss_glue` holds TRL OPD's teacher-call plumbing (the
 # teacher runs inside its loss); `teacher_scoring` holds VA-OPD's (the teacher runs while scoring).
 DESIGN_PHASES = (
@@ -82,9 +93,10 @@ DESIGN_PHASES = (
     "va_bookkeeping",
     "loss_glue",
 )
-# Expected teacher forwards per rollout. `vaopd_off` still scores the counterfactual view (it computes VA for its
-# metrics even when neither weighting nor grouping uses it), so it pays the same second forward as VA-OPD.
-EXPECTED_TEACHER_FORWARDS = {"trl_opd": 1, "vaopd_off": 2, "vaopd": 2}
+# Expected teacher and student (training) forwards per rollout: VA-OPD adds the teacher's counterfactual view, VGS also
+# the student's (README, "Methods and what they cost")
+EXPECTED_TEACHER_FORWARDS = {"trl_opd": 1, "vaopd_off": 1, "vaopd": 2, "vgs": 2, "vaopd_vgs": 2}
+EXPECTED_STUDENT_FORWARDS = {"trl_opd": 1, "vaopd_off": 1, "vaopd": 1, "vgs": 2, "vaopd_vgs": 2}
 
 
 @dataclass(frozen=True)
@@ -164,14 +176,7 @@ def _args(spec: RunSpec, output_dir: str, suppress: list[int]):
     )
     if spec.trainer == "trl_opd":
         return DistillationConfig(**common)
-    off = spec.trainer == "vaopd_off"
-    return VAOPDConfig(
-        **common,
-        num_generations=spec.k,
-        divergence_temperature=1.0,
-        rollout_weighting=not off,
-        token_grouping=not off,
-    )
+    return VAOPDConfig(**common, num_generations=spec.k, divergence_temperature=1.0, **SETTINGS[spec.trainer])
 
 
 def _memory_now(device: str) -> int:
@@ -375,6 +380,7 @@ def summarise(spec: RunSpec, raws: list[dict], clock: str, memory_raws: list[dic
     timing = {c: _timing(measured, c) for c in ("wall", "cpu")}
     primary = timing[clock]
     teacher_rows = sum(s["teacher_rows"] for s in every)
+    student_rows = sum(s["student_rows"] for s in every)
     rollouts = sum(s["rollouts"] for s in every)
     # Memory: the median over runs, each its own process
     memory_source = memory_raws or raws
@@ -413,6 +419,8 @@ def summarise(spec: RunSpec, raws: list[dict], clock: str, memory_raws: list[dic
         "teacher_rows": teacher_rows,
         "rollouts": rollouts,
         "teacher_forwards_per_rollout": teacher_rows / rollouts if rollouts else None,
+        "student_rows": student_rows,
+        "student_forwards_per_rollout": student_rows / rollouts if rollouts else None,
         "teacher_calls_per_step": [s["teacher_calls"] for s in every],
         "completion_lengths_seen": sorted({n for s in every for n in s["completion_lengths"]}),
         "memory": memory,
@@ -488,7 +496,9 @@ def build_plan(opts) -> list[list[RunSpec]]:
         if per_device < 1 or base.rollouts % per_device:
             continue
         tag = f"layout_{per_device}x{base.rollouts // per_device}"
-        plan.append([replace(base, trainer=t, per_device=per_device, warmup=0, steps=1, tag=tag) for t in PAIR])
+        plan.append(
+            [replace(base, trainer=t, per_device=per_device, warmup=0, steps=1, tag=tag) for t in LAYOUT_TRAINERS]
+        )
 
     sweeps = {s for s in opts.sweeps.split(",") if s}
     short = dict(warmup=1, steps=max(2, base.steps // 2))
@@ -554,6 +564,14 @@ def floors(opd: dict, va: dict) -> dict:
 def analyse(results: list[dict], device: str) -> dict:
     by = {(r["tag"], r["trainer"]): r for r in results}
     opd, off, va = by[("base", "trl_opd")], by[("base", "vaopd_off")], by[("base", "vaopd")]
+    # Each VAOPDTrainer method against TRL's OPD: step time and peak memory
+    ratios = {
+        t: {
+            "step_time_ratio": by[("base", t)]["median_step_time_s"] / opd["median_step_time_s"],
+            "peak_memory_ratio": by[("base", t)]["memory"]["memory_peak_bytes"] / opd["memory"]["memory_peak_bytes"],
+        }
+        for t in TRAINERS[1:]
+    }
     step_ratio = va["median_step_time_s"] / opd["median_step_time_s"]
     floor = floors(opd, va)
     peak_ratio = va["memory"]["memory_peak_bytes"] / opd["memory"]["memory_peak_bytes"]
@@ -596,6 +614,9 @@ def analyse(results: list[dict], device: str) -> dict:
         "teacher_forwards_exact": all(
             r["teacher_forwards_per_rollout"] == EXPECTED_TEACHER_FORWARDS[r["trainer"]] for r in results
         ),
+        "student_forwards_exact": all(
+            r["student_forwards_per_rollout"] == EXPECTED_STUDENT_FORWARDS[r["trainer"]] for r in results
+        ),
         "completion_lengths_forced": all(
             r["completion_lengths_seen"] == [r["config"]["completion_length"]] for r in results
         ),
@@ -616,6 +637,7 @@ def analyse(results: list[dict], device: str) -> dict:
     ]
     return {
         "clock": opd["clock"],
+        "method_ratios": ratios,
         "step_time_ratio": step_ratio,
         "step_time_ratio_per_repetition": per_round,
         "step_time_ratio_paired_median": _median(paired),
@@ -683,7 +705,8 @@ def markdown(report: dict) -> str:
     m = base["vaopd"]["memory"]
     cfg = base["vaopd"]["config"]
     lines = [
-        f"# VA-OPD vs OPD ({report['machine']['cpu']}, {report['options']['device']}, {cfg['torch_threads']} torch thread(s))",
+        f"# VA-OPD and VGS vs OPD ({report['machine']['cpu']}, {report['options']['device']}, "
+        f"{cfg['torch_threads']} torch thread(s))",
         "",
         f"Base: {cfg['rollouts_per_step']} rollouts per step ({cfg['rollouts_per_step'] // cfg['k']} prompts x K={cfg['k']}), "
         f"micro-batch {cfg['per_device_train_batch_size']} x {cfg['gradient_accumulation_steps']} accumulation, "
@@ -692,8 +715,8 @@ def markdown(report: dict) -> str:
         f"{cfg['teacher']['layers']}; {cfg['repetitions']} interleaved repetitions x {cfg['measured_steps']} measured "
         f"steps after {cfg['warmup_steps']} warm-up. Times: medians, {clock} per optimizer step, in seconds.",
         "",
-        "| trainer | step | generation | teacher | student fwd/bwd | objective | optimizer | other | step (wall) | completion tok/s (wall) | teacher fwd / rollout | peak memory (MiB) | added by training (MiB) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| trainer | step | generation | teacher | student fwd/bwd | objective | optimizer | other | step (wall) | completion tok/s (wall) | teacher fwd / rollout | student fwd / rollout | peak memory (MiB) | added by training (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for t in TRAINERS:
         r = base[t]
@@ -702,7 +725,8 @@ def markdown(report: dict) -> str:
             f"| {t} | {r['median_step_time_s']:.3f} | {g['generation']:.3f} | {g['teacher']:.3f} | {g['student']:.3f} | "
             f"{g['objective']:.3f} | {g['optimizer']:.3f} | {g['other']:.3f} | {r['timing']['wall']['median_step_s']:.3f} | "
             f"{r['completion_tokens_per_s']:.0f} | {r['teacher_forwards_per_rollout']:.2f} | "
-            f"{_mib(r['memory']['memory_peak_bytes']):.1f} | {_mib(r['memory']['memory_added_bytes']):.1f} |"
+            f"{r['student_forwards_per_rollout']:.2f} | {_mib(r['memory']['memory_peak_bytes']):.1f} | "
+            f"{_mib(r['memory']['memory_added_bytes']):.1f} |"
         )
     lines += ["", "Fine phases (median seconds per step, exclusive):", "", "| phase | " + " | ".join(TRAINERS) + " |"]
     lines.append("|---|" + "---|" * len(TRAINERS))
@@ -714,13 +738,14 @@ def markdown(report: dict) -> str:
         "",
         f"Memory ({a['memory_kind']}): student parameters {_mib(m['student_param_bytes']):.2f} MiB, teacher parameters "
         f"{_mib(m['teacher_param_bytes']):.2f} MiB, gradients + AdamW moments {_mib(m['training_state_bytes']):.2f} MiB, "
-        f"VA-OPD's cached teacher hidden states {_mib(m['teacher_cache_bytes']):.3f} MiB, full fp32 logits of one model "
+        f"VA-OPD's cached teacher hidden states {_mib(m['teacher_cache_bytes']):.3f} MiB (VA-OPD + VGS, both views: "
+        f"{_mib(base['vaopd_vgs']['memory']['teacher_cache_bytes']):.3f} MiB), full fp32 logits of one model "
         f"for one micro-batch (never built) {_mib(m['full_logits_bytes_per_model']):.2f} MiB.",
         "",
-        "## Teacher forwards per rollout, every layout",
+        "## Teacher and student forwards per rollout, every layout",
         "",
-        "| run | trainer | micro-batch x accumulation | teacher rows / rollout | teacher calls per step |",
-        "|---|---|---|---|---|",
+        "| run | trainer | micro-batch x accumulation | teacher rows / rollout | student rows / rollout | teacher calls per step |",
+        "|---|---|---|---|---|---|",
     ]
     seen = set()
     for r in results:
@@ -732,7 +757,8 @@ def markdown(report: dict) -> str:
         calls = sorted(set(r["teacher_calls_per_step"]))
         lines.append(
             f"| {r['tag']} | {r['trainer']} | {c['per_device_train_batch_size']} x {c['gradient_accumulation_steps']} | "
-            f"{r['teacher_forwards_per_rollout']:.2f} | {', '.join(map(str, calls))} |"
+            f"{r['teacher_forwards_per_rollout']:.2f} | {r['student_forwards_per_rollout']:.2f} | "
+            f"{', '.join(map(str, calls))} |"
         )
     sweeps: dict[str, dict] = {}
     for r in results:
@@ -775,6 +801,11 @@ def markdown(report: dict) -> str:
         f"- VA-OPD - OPD per step: measured {e['total_measured']:+.4f} s, by design {e['total_by_design']:+.4f} s = "
         + ", ".join(f"{p} {e[p]:+.4f}" for p in DESIGN_PHASES),
         f"- peak-memory ratio: {a['peak_memory_ratio']:.3f}; memory added by training: {a['added_memory_ratio']:.3f}",
+        "- every method / TRL OPD (step time, peak memory): "
+        + "; ".join(
+            f"{t} {r['step_time_ratio']:.3f}, {r['peak_memory_ratio']:.3f}" for t, r in a["method_ratios"].items()
+        )
+        + " (the VGS paper reports 1.375x the step time of OPD)",
     ]
     for name, ok in a["targets"].items():
         lines.append(f"- {name}: {'not measured' if ok is None else ('PASS' if ok else 'MISS')}")
@@ -833,7 +864,7 @@ def main(argv=None) -> int:
             step = _median(s[opts.clock]["step_s"] for s in raw["measured_steps"])
             rows = sum(s["teacher_rows"] for s in raw["steps"]) / max(1, sum(s["rollouts"] for s in raw["steps"]))
             print(
-                f"[{done}/{count}] {spec.tag:<14} {spec.trainer:<9} {spec.purpose:<6} step {step:.3f} s  "
+                f"[{done}/{count}] {spec.tag:<14} {spec.trainer:<10} {spec.purpose:<6} step {step:.3f} s  "
                 f"teacher fwd/rollout {rows:.2f}  peak {_mib(raw['memory_peak_bytes']):.0f} MiB  "
                 f"load {raw['load_before'][0]:.1f}  ({raw['wall_s']:.1f} s)",
                 flush=True,
@@ -860,7 +891,11 @@ def main(argv=None) -> int:
     for name, ok in analysis["targets"].items():
         if ok is False:
             print(f"target missed: {name}")
-    # The headline ratios, last, one per line
+    # The headline ratios, last, one per line (VA-OPD's the very last)
+    for trainer in ("vgs", "vaopd_vgs"):
+        ratios = analysis["method_ratios"][trainer]
+        print(f"step_time_ratio {trainer}/opd = {ratios['step_time_ratio']:.2f}")
+        print(f"peak_memory_ratio {trainer}/opd = {ratios['peak_memory_ratio']:.2f}")
     print(f"step_time_ratio vaopd/opd = {analysis['step_time_ratio']:.2f}")
     print(f"peak_memory_ratio vaopd/opd = {analysis['peak_memory_ratio']:.2f}")
     return 0

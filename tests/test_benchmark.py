@@ -1,8 +1,9 @@
-"""Smoke test of benchmarks/bench_vaopd.py on its tiny budget: the report's schema and the counted teacher forwards.
+"""Smoke test of benchmarks/bench_vaopd.py on its tiny budget: the report's schema and the counted forwards.
 
-Timings are not checked (they depend on the machine); the counts are exact: the teacher backbone processes exactly two
-rows per rollout in VAOPDTrainer (original and counterfactual view) and one in TRL's DistillationTrainer, whatever the
-micro-batch / gradient-accumulation layout.
+Timings are not checked (they depend on the machine); the counts are exact, whatever the micro-batch /
+gradient-accumulation layout: the teacher backbone processes one row per rollout in TRL's DistillationTrainer and
+under standard OPD, two with VA-OPD and VGS (original and counterfactual view); the student backbone (outside
+generation) one row per rollout, two with VGS.
 """
 
 import json
@@ -16,7 +17,8 @@ import pytest
 
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_vaopd.py"
-EXPECTED = {"trl_opd": 1, "vaopd_off": 2, "vaopd": 2}
+EXPECTED = {"trl_opd": 1, "vaopd_off": 1, "vaopd": 2, "vgs": 2, "vaopd_vgs": 2}
+EXPECTED_STUDENT = {"trl_opd": 1, "vaopd_off": 1, "vaopd": 1, "vgs": 2, "vaopd_vgs": 2}
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +38,13 @@ def quick_run(tmp_path_factory):
 
 def test_headline_ratios_are_printed_last(quick_run):
     report, stdout, _ = quick_run
-    last = stdout.strip().splitlines()[-2:]
+    lines = stdout.strip().splitlines()
+    for i, trainer in enumerate(("vgs", "vaopd_vgs")):
+        step, peak = lines[-6 + 2 * i], lines[-5 + 2 * i]
+        ratios = report["analysis"]["method_ratios"][trainer]
+        assert step == f"step_time_ratio {trainer}/opd = {ratios['step_time_ratio']:.2f}"
+        assert peak == f"peak_memory_ratio {trainer}/opd = {ratios['peak_memory_ratio']:.2f}"
+    last = lines[-2:]
     assert re.fullmatch(r"step_time_ratio vaopd/opd = \d+\.\d\d", last[0]), last
     assert re.fullmatch(r"peak_memory_ratio vaopd/opd = \d+\.\d\d", last[1]), last
     assert float(last[0].split("= ")[1]) == pytest.approx(report["analysis"]["step_time_ratio"], abs=0.006)
@@ -45,7 +53,7 @@ def test_headline_ratios_are_printed_last(quick_run):
 
 def test_report_schema(quick_run):
     report, _, out = quick_run
-    assert (out / "results.md").read_text().startswith("# VA-OPD vs OPD")
+    assert (out / "results.md").read_text().startswith("# VA-OPD and VGS vs OPD")
     assert {"machine", "options", "results", "analysis", "total_wall_s"} <= report.keys()
     assert {"cpu", "logical_cpus", "torch", "transformers", "trl"} <= report["machine"].keys()
     analysis = report["analysis"]
@@ -53,6 +61,7 @@ def test_report_schema(quick_run):
         assert isinstance(analysis[key], float) and analysis[key] == analysis[key], key  # a number, not NaN
     assert {
         "teacher_forwards_exact",
+        "student_forwards_exact",
         "completion_lengths_forced",
         "step_time_ratio_le_1.15",
         "step_time_within_5pct_of_floor",
@@ -72,22 +81,24 @@ def test_report_schema(quick_run):
         assert memory["memory_peak_bytes"] >= memory["memory_before_train_bytes"] > 0
         assert memory["student_param_bytes"] > 0 and memory["teacher_param_bytes"] > memory["student_param_bytes"]
         assert memory["training_state_bytes"] == 3 * memory["student_param_bytes"]  # fp32 grads + two AdamW moments
-    # Only VA-OPD keeps the teacher's original-view hidden states of the whole generation batch
+    # VAOPDTrainer keeps the teacher's hidden states of the whole generation batch, VGS those of both views
     config = base["vaopd"]["config"]
     hidden_bytes = config["rollouts_per_step"] * config["completion_length"] * config["teacher"]["hidden"] * 4
     assert base["vaopd"]["memory"]["teacher_cache_bytes"] == hidden_bytes
+    assert base["vaopd_vgs"]["memory"]["teacher_cache_bytes"] == 2 * hidden_bytes
     assert base["trl_opd"]["memory"]["teacher_cache_bytes"] == 0
 
 
-def test_teacher_forwards_are_counted_exactly_for_every_layout(quick_run):
+def test_forwards_are_counted_exactly_for_every_layout(quick_run):
     report, _, _ = quick_run
-    layouts = {"trl_opd": set(), "vaopd": set()}
+    layouts = {"trl_opd": set(), "vaopd": set(), "vaopd_vgs": set()}
     for result in report["results"]:
         config = result["config"]
         # Exact integers: rows the teacher backbone processed vs rollouts generated, over every step of the run
         assert result["teacher_rows"] == EXPECTED[result["trainer"]] * result["rollouts"], result["tag"]
         assert result["rollouts"] > 0
         assert result["teacher_forwards_per_rollout"] == EXPECTED[result["trainer"]]
+        assert result["student_rows"] == EXPECTED_STUDENT[result["trainer"]] * result["rollouts"], result["tag"]
         # Every rollout has exactly the forced length, in all three trainers
         assert result["completion_lengths_seen"] == [config["completion_length"]]
         if result["trainer"] in layouts:
@@ -99,4 +110,5 @@ def test_teacher_forwards_are_counted_exactly_for_every_layout(quick_run):
         assert len(seen) >= 3, (trainer, seen)
         assert any(per_device < report["results"][0]["config"]["k"] for per_device, _ in seen), seen
     assert report["analysis"]["targets"]["teacher_forwards_exact"] is True
+    assert report["analysis"]["targets"]["student_forwards_exact"] is True
     assert report["analysis"]["targets"]["completion_lengths_forced"] is True
