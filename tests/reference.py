@@ -2,8 +2,9 @@
 
 It shares nothing with the trainer's scoring path: full `.logits` of float64 models, one rollout at a time, the images
 and their counterfactual views rebuilt here from the dataset's images (`conftest.noise_image`), the text-only prompt
-of the "drop" view tokenized here, sibling groups by picture. The per-token objective math comes from
-`trl_vaopd.objective`, whose functions the analytic tests pin down (the specifications' worked examples).
+of the "drop" view tokenized here, sibling groups by picture. The teacher's privileged prompt (ViCuR's cue) is
+written here too. The per-token objective math comes from `trl_vaopd.objective`, whose functions the analytic tests
+pin down (the specifications' worked examples).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from trl_vaopd.objective import (
     adaptive_gamma,
     lp_mask,
     rollout_weights,
+    sampled_token_kl,
     token_coefficients,
     uniform_rollout_weights,
     vgs_loss,
@@ -63,31 +65,33 @@ def rollout_key(row: Rollout) -> tuple:
     return tuple(row.prompt.tolist()), tuple(row.completion.tolist())
 
 
-def _logits(model, processor, row: Rollout, view: str, pixelate_ratio: float) -> torch.Tensor:
-    """`(n, V)` float64 logits predicting the row's completion tokens under `view` ("original" or a view name), over
-    the tokenizer's vocabulary (a padded head's extra rows are no token)."""
+def question(picture: int) -> str:
+    """The question of `conftest.image_question_dataset`'s row `picture`."""
+    return f"What number is shown in picture {picture}?"
+
+
+def _logits(model, processor, row: Rollout, view: str, pixelate_ratio: float, text: str) -> torch.Tensor:
+    """`(n, V)` float64 logits predicting the row's completion tokens after the user turn `text` under `view`
+    ("original" or a view name), over the tokenizer's vocabulary (a padded head's extra rows are no token)."""
     image = noise_image(row.picture)
-    if view == "drop":
-        text = [
-            {"role": "user", "content": [{"type": "text", "text": f"What number is shown in picture {row.picture}?"}]}
-        ]
-        prompt = torch.tensor(processor.apply_chat_template(text, add_generation_prompt=True, tokenize=True)[0])
-        ids = torch.cat([prompt, row.completion]).unsqueeze(0)
-        out = model(input_ids=ids, attention_mask=torch.ones_like(ids))
-    else:
-        if view != "original":
-            image = get_view(view, pixelate_ratio)(image)
-        prompt = row.prompt
-        ids = torch.cat([prompt, row.completion]).unsqueeze(0)
-        vision = processor.image_processor(images=[image], return_tensors="pt")
+    content = [{"type": "text", "text": text}]
+    if view != "drop":
+        image = image if view == "original" else get_view(view, pixelate_ratio)(image)
+        content = [{"type": "image", "image": image}, *content]
+    encoded = processor.apply_chat_template(
+        [[{"role": "user", "content": content}]], add_generation_prompt=True, tokenize=True, return_dict=True
+    )
+    prompt = torch.tensor(encoded["input_ids"][0])
+    ids = torch.cat([prompt, row.completion]).unsqueeze(0)
+    vision = {}
+    if view != "drop":
         image_token = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
-        out = model(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            pixel_values=vision["pixel_values"].double(),
-            image_grid_thw=vision["image_grid_thw"],
-            mm_token_type_ids=(ids == image_token).long(),
-        )
+        vision = {
+            "pixel_values": encoded["pixel_values"].double(),
+            "image_grid_thw": encoded["image_grid_thw"],
+            "mm_token_type_ids": (ids == image_token).long(),
+        }
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), **vision)
     start = prompt.numel() - 1
     return out.logits[0, start : start + row.completion.numel(), : len(processor.tokenizer)].double()
 
@@ -101,18 +105,40 @@ def _stack(rows: list[Rollout], values: list[torch.Tensor]) -> torch.Tensor:
     return out
 
 
-def reference(rows: list[Rollout], student, teacher, processor, args) -> dict:
+def reference(rows: list[Rollout], student, teacher, processor, args, cues: dict[int, str] | None = None) -> dict:
     """METHOD.md's (and VGS.md's) quantities and loss `L` for `args`, over the rollouts `rows` (the whole batch).
 
+    With `cues` (picture -> cue), the teacher reads the question followed by `"\n[Hint]: <cue>"` in every view.
     `student` and `teacher` are converted to float64 in place; the returned `loss` carries the student's gradient.
     """
     student, teacher = student.double(), teacher.double()
     view = args.counterfactual_view
     mask = _stack(rows, [torch.ones(row.completion.numel(), dtype=torch.long) for row in rows])
     completions = _stack(rows, [row.completion for row in rows])
+    for row in rows:  # the student's prompt as the trainer tokenized it is the question with the image
+        encoded = processor.apply_chat_template(
+            [
+                [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "image", "image": noise_image(row.picture)},
+                            {"type": "text", "text": question(row.picture)},
+                        ],
+                    }
+                ]
+            ],
+            add_generation_prompt=True,
+            tokenize=True,
+        )
+        assert encoded[0] == row.prompt.tolist()
 
     def logits(model, name):
-        return _stack(rows, [_logits(model, processor, row, name, args.pixelate_ratio) for row in rows])
+        def text(row):
+            hint = f"\n[Hint]: {cues[row.picture]}" if cues is not None and model is teacher else ""
+            return question(row.picture) + hint
+
+        return _stack(rows, [_logits(model, processor, row, name, args.pixelate_ratio, text(row)) for row in rows])
 
     def token_logp(lg):
         return torch.log_softmax(lg, -1).gather(-1, completions.unsqueeze(-1)).squeeze(-1)
@@ -140,6 +166,9 @@ def reference(rows: list[Rollout], student, teacher, processor, args) -> dict:
             gamma = args.vgs_gamma * mask.double()
         token_loss = vgs_token_loss(terms.standard, terms.visual, terms.language, gamma, lp, args.vgs_lambda)
         out.update(terms=terms, lp=lp, gamma=gamma, loss=vgs_loss(token_loss, coefficients, num_prompts, args.vgs_eta))
+    elif getattr(args, "kl_estimator", "full") == "sampled_token":
+        kl = sampled_token_kl(token_logp(student_logits), token_logp(teacher_logits), mask)
+        out["loss"] = (coefficients * kl).sum() / num_prompts
     else:
         log_ps, log_pt = torch.log_softmax(student_logits, -1), torch.log_softmax(teacher_logits, -1)
         kl = (log_ps.exp() * (log_ps - log_pt)).sum(-1) * mask

@@ -137,11 +137,15 @@ def per_token_divergence(
     return _scatter(divergence, valid), _scatter(entropy.detach(), valid)
 
 
-@torch.no_grad()
 def token_logprobs(
-    hidden: torch.Tensor, head: OutputHead, tokens: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0
-) -> torch.Tensor:
-    """Log-probabilities `log p(tokens)` from hidden states, without gradients (teacher scoring).
+    hidden: torch.Tensor,
+    head: OutputHead,
+    tokens: torch.Tensor,
+    mask: torch.Tensor,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities `log p(tokens)` from hidden states (differentiable: wrap teacher scoring in `no_grad`).
 
     Args:
         hidden: `(N, T, H)` hidden states aligned to `tokens` (position t predicts token t).
@@ -149,14 +153,15 @@ def token_logprobs(
         tokens: `(N, T)` token ids.
         mask: `(N, T)` valid-token mask.
         temperature: softmax temperature.
+        with_entropy: also return the `(N, T)` entropy of each position's distribution (detached).
 
     Returns:
-        `(N, T)` float32 log-probabilities, zero where `mask` is 0.
+        `(N, T)` float32 log-probabilities (and entropies), zero where `mask` is 0.
     """
     valid = mask.bool()
     # Under ZeRO-3 the head is sharded and read directly here, outside its module's forward
     with head.gathered() as (weight, bias):
-        logprobs = ChunkedLogProbFunction.apply(
+        logprobs, entropy = ChunkedLogProbFunction.apply(
             hidden[valid],
             weight,
             bias,
@@ -165,9 +170,10 @@ def token_logprobs(
             VOCAB_CHUNK_SIZE,
             head.softcap,
             head.logit_scale,
-            (),
-        )[0]
-    return _scatter(logprobs.float(), valid)
+            ("entropy",) if with_entropy else (),
+        )[:2]
+    logprobs = _scatter(logprobs.float(), valid)
+    return (logprobs, _scatter(entropy.detach().float(), valid)) if with_entropy else logprobs
 
 
 #: Token chunks of `vgs_divergences` hold at most this many logits per distribution (128 MiB in float32): about 220

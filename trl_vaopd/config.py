@@ -9,6 +9,7 @@ from trl import DistillationConfig
 from trl.import_utils import is_vllm_available
 
 from .objective import VA_TOKEN_MASKS
+from .privileged import DEFAULT_CUE_TEMPLATE
 from .views import VIEW_NAMES
 
 
@@ -17,7 +18,11 @@ METHOD_COMPONENTS: dict[str, frozenset[str]] = {
     "opd": frozenset(),
     "va_opd": frozenset({"rollout_weighting", "token_grouping"}),
     "vgs": frozenset({"vgs"}),
+    "vicur": frozenset({"use_cues", "cue_recovery"}),
 }
+
+#: How the loss estimates the per-token divergence: over the full vocabulary, or from the sampled token alone.
+KL_ESTIMATORS = ("full", "sampled_token")
 
 
 @dataclass
@@ -67,8 +72,9 @@ class VAOPDConfig(DistillationConfig):
             Stabiliser added to the standard deviation of sibling mean VAs, `> 0`.
         method (`list[str]`, *optional*, defaults to `["va_opd"]`):
             The published method(s) to run: `"opd"` (standard on-policy distillation), `"va_opd"` (VA-OPD), `"vgs"`
-            (Visual Gradient Steering), or a list that composes them, e.g. `["va_opd", "vgs"]` (VA-OPD's coefficients
-            then replace VGS's per-sequence mean). A single name may be given as a string. It presets the component
+            (Visual Gradient Steering), `"vicur"` (ViCuR: a teacher that sees a visual cue, and the student's
+            cue-recovery module), or a list that composes them, e.g. `["va_opd", "vgs"]` (VA-OPD's coefficients then
+            replace VGS's per-sequence mean). A single name may be given as a string. It presets the component
             switches below; a switch given explicitly overrides the preset.
         rollout_weighting (`bool`, *optional*):
             Whether to weight sibling rollouts by their relative mean VA. Off: uniform weights `1 / K`. Defaults to the
@@ -81,6 +87,32 @@ class VAOPDConfig(DistillationConfig):
             Whether to use VGS's decomposed objective `l_std + gamma * l_vis + lambda * M * l_lang`, scaled by `eta`:
             the teacher and the student both run under the original and the counterfactual view. Defaults to the
             `method` preset (on for `"vgs"`).
+        use_cues (`bool`, *optional*):
+            Whether the teacher sees a privileged prompt: the student's prompt with the row's cue (column
+            `cue_column`) appended to the last user turn, or the row's full teacher prompt (`teacher_prompt_column`).
+            Every teacher view (the KL target, VA, VGS's `q` and `qbar`) uses it; the student never sees it. Rows
+            with an empty or missing cue are refused. Defaults to the `method` preset (on for `"vicur"`).
+        cue_recovery (`bool`, *optional*):
+            Whether the student gets ViCuR's cue-recovery module (sink-token cross-attention to the image tokens during
+            prefill, `trl_vaopd.cue_recovery`); it trains with the student and is saved with it. Not with vLLM, which
+            would sample without it. Defaults to the `method` preset (on for `"vicur"`).
+        kl_estimator (`str`, *optional*, defaults to `"full"`):
+            `"full"`: the per-token divergence over the full vocabulary. `"sampled_token"`: ViCuR's sampled-token
+            estimate of the reverse KL, whose gradient is `-A_t * grad log p_S(y_t)` with
+            `A_t = log p_T(y_t) - log p_S(y_t)`; the full KL is its exact expectation. Needs `beta=1.0` and VGS off;
+            the teacher's hidden states are then not kept.
+
+        > Parameters of ViCuR (used when `use_cues` or `cue_recovery` is on)
+
+        cue_column (`str`, *optional*, defaults to `"cue"`):
+            Dataset column holding each row's cue text.
+        teacher_prompt_column (`str`, *optional*):
+            Dataset column holding each row's full teacher prompt (a conversation, images inserted as in `prompt`),
+            used instead of appending the cue.
+        cue_template (`str`, *optional*, defaults to `"\n[Hint]: {cue}"`):
+            How the cue is appended to the last user turn (OPSD's hint format); must contain `{cue}`.
+        cue_recovery_interval (`int`, *optional*, defaults to `5`):
+            The module runs after every decoder layer whose index is a multiple of this interval (0, 5, 10, ...).
 
         > Parameters of VGS (used when `vgs` is on; the paper's values for a 2B student)
 
@@ -181,6 +213,31 @@ class VAOPDConfig(DistillationConfig):
         default=None,
         metadata={"help": "Use VGS's decomposed objective (default: the method's preset)."},
     )
+    use_cues: bool | None = field(
+        default=None,
+        metadata={"help": "Give the teacher the privileged prompt with the row's cue (default: the method's preset)."},
+    )
+    cue_recovery: bool | None = field(
+        default=None,
+        metadata={"help": "Add ViCuR's cue-recovery module to the student (default: the method's preset)."},
+    )
+    kl_estimator: str = field(
+        default="full",
+        metadata={
+            "help": "Per-token divergence: over the full vocabulary, or ViCuR's sampled-token estimate.",
+            "choices": list(KL_ESTIMATORS),
+        },
+    )
+    cue_column: str = field(default="cue", metadata={"help": "Dataset column of the cues."})
+    teacher_prompt_column: str | None = field(
+        default=None, metadata={"help": "Dataset column of full teacher prompts, used instead of appending the cue."}
+    )
+    cue_template: str = field(
+        default=DEFAULT_CUE_TEMPLATE, metadata={"help": "How the cue is appended to the last user turn ({cue})."}
+    )
+    cue_recovery_interval: int = field(
+        default=5, metadata={"help": "The cue-recovery module follows every decoder layer with index % interval == 0."}
+    )
     vgs_gamma: float = field(default=2.0, metadata={"help": "VGS weight gamma >= 0 of the visual term."})
     vgs_lambda: float = field(default=0.01, metadata={"help": "VGS weight lambda >= 0 of the language-prior term."})
     vgs_eta: float = field(default=0.41, metadata={"help": "VGS scale eta > 0 of the whole loss."})
@@ -227,6 +284,9 @@ class VAOPDConfig(DistillationConfig):
                 "must be two quantiles 0 < low < high < 1",
             ),
             (0.0 < self.va_token_mask_fraction < 1.0, "va_token_mask_fraction", "must be in (0, 1)"),
+            (self.cue_recovery_interval >= 1, "cue_recovery_interval", "must be >= 1"),
+            ("{cue}" in self.cue_template, "cue_template", "must contain '{cue}'"),
+            (self.kl_estimator in KL_ESTIMATORS, "kl_estimator", f"must be one of {', '.join(KL_ESTIMATORS)}"),
         ]
         for ok, name, rule in checks:
             if not ok:
@@ -247,10 +307,22 @@ class VAOPDConfig(DistillationConfig):
                 "VAOPDConfig.va_token_mask takes tokens out of each response's mean token KL, which token grouping "
                 "replaces: set token_grouping=False (e.g. method='opd', or method='va_opd' with token_grouping=False)."
             )
+        if self.kl_estimator == "sampled_token" and (self.vgs or self.beta != 1.0):
+            raise ValueError(
+                "VAOPDConfig.kl_estimator='sampled_token' estimates the reverse KL from the sampled token alone, but "
+                f"{'VGS needs the full-vocabulary terms' if self.vgs else f'beta={self.beta} asks for another divergence'}"
+                ". Use kl_estimator='full', or beta=1.0 without VGS."
+            )
         if self.vgs and self.beta != 1.0:
             raise ValueError(
                 f"VGS's terms are reverse KLs KL(p || .), but VAOPDConfig.beta={self.beta} asks for another divergence. "
                 "Set beta=1.0, or turn VGS off."
+            )
+        if self.use_vllm and self.cue_recovery:
+            raise ValueError(
+                "VAOPDConfig.use_vllm=True with cue_recovery=True: vLLM would sample the rollouts without the student's "
+                "cue-recovery module, so they would be off-policy. Set use_vllm=False (transformers' generate runs "
+                "the module), or cue_recovery=False."
             )
         if self.use_vllm:
             # Refused here rather than after both models are loaded: colocated vLLM runs its engine on the training
@@ -292,7 +364,7 @@ class VAOPDConfig(DistillationConfig):
                 "combined with another method. Drop 'opd' from the list."
             )
         components = frozenset().union(*(METHOD_COMPONENTS[name] for name in self.method))
-        for switch in ("rollout_weighting", "token_grouping", "vgs"):
+        for switch in ("rollout_weighting", "token_grouping", "vgs", "use_cues", "cue_recovery"):
             if getattr(self, switch) is None:
                 setattr(self, switch, switch in components)
 

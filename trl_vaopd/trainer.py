@@ -44,6 +44,7 @@ from .objective import (
     lp_mask,
     mask_coefficients,
     rollout_weights,
+    sampled_token_kl,
     token_coefficients,
     uniform_rollout_weights,
     va_mass_share,
@@ -54,6 +55,7 @@ from .objective import (
     vgs_token_loss,
     visual_advantage,
 )
+from .privileged import teacher_prompt, validate_privileged_columns
 from .views import CounterfactualView, get_view
 from .vocabulary import compared_vocab_size, load_tokenizer_of
 
@@ -74,6 +76,7 @@ _MULTIMODAL_KEYS = (
 # Keys the scoring adds to each rollout of the generation batch, consumed by `_compute_loss`
 _TEACHER_HIDDEN = "teacher_hidden_states"
 _TEACHER_CF_HIDDEN = "teacher_counterfactual_hidden_states"
+_TEACHER_LOGP = "teacher_token_logprobs"
 _COEFFICIENTS = "vaopd_coefficients"
 _HIGH_MASK = "vaopd_high_mask"
 _NUM_PROMPTS = "vaopd_num_prompts"
@@ -220,6 +223,8 @@ class VAOPDTrainer(DistillationTrainer):
                     )
                 if ds is not None:
                     validate_vaopd_dataset(ds)
+                    if args.use_cues:
+                        validate_privileged_columns(ds, args.cue_column, args.teacher_prompt_column)
         self.counterfactual_view: CounterfactualView = get_view(
             counterfactual_view if counterfactual_view is not None else args.counterfactual_view,
             args.pixelate_ratio,
@@ -283,6 +288,15 @@ class VAOPDTrainer(DistillationTrainer):
         tokenizer = load_tokenizer_of(teacher_model, kwargs.get("revision"), kwargs["trust_remote_code"])
         return create_model_from_path(teacher_model, **kwargs), tokenizer
 
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        # The privileged teacher's column must survive `remove_unused_columns=True`
+        if self.args.use_cues:
+            self._signature_columns = [
+                *self._signature_columns,
+                self.args.teacher_prompt_column or self.args.cue_column,
+            ]
+
     # ------------------------------------------------------------------ sampling
     @property
     def _generation_batch_size(self) -> int:
@@ -324,43 +338,80 @@ class VAOPDTrainer(DistillationTrainer):
         )
 
     # ------------------------------------------------------------------ views
-    def _counterfactual_inputs(self, inputs: list[dict[str, Any]], batch: dict[str, Any]) -> dict[str, Any]:
-        """The counterfactual view's model inputs of every rollout, as per-rollout batch entries (`_CF_*` keys)."""
-        view = self.counterfactual_view
-        rows = [copy.deepcopy(x["prompt"]) for x in inputs]
-        if view.keeps_layout:
-            prompts = [
-                prepare_multimodal_messages(prompt, images=[view(img) for img in row_images(x)])
-                for prompt, x in zip(rows, inputs, strict=True)
-            ]
-        else:
-            prompts = rows
-        prompt_ids, _, fields = self._tokenize_prompts(prompts)
-        if view.keeps_layout:
-            for key in ("image_grid_thw", "image_sizes", "spatial_shapes", "pixel_attention_mask"):
-                if key in batch and not torch.equal(torch.as_tensor(fields[key]).cpu(), batch[key].cpu()):
-                    raise ValueError(
-                        f"The counterfactual view {view.name!r} changed the processed image layout ({key} differs "
-                        "from the original's), so the two views would not share token positions. Use a view that keeps "
-                        "the image size and aspect, or counterfactual_view='drop'."
-                    )
-            # Some processors return lists here (the base converts them the same way before generating)
-            cf_pixels = fields["pixel_values"]
-            cf_pixels = torch.as_tensor(np.array(cf_pixels) if isinstance(cf_pixels, list) else cf_pixels)
-            cf_pixels = cf_pixels.to(batch["pixel_values"].device, batch["pixel_values"].dtype)
-            if cf_pixels.shape != batch["pixel_values"].shape:
-                raise ValueError(
-                    f"The counterfactual view {view.name!r} changed the number of visual patches "
-                    f"({tuple(cf_pixels.shape)} vs {tuple(batch['pixel_values'].shape)}); use a size-preserving view."
-                )
-            # Split per rollout like the original pixels, so the base's shuffling and micro-batching carry them along
-            return {_CF_PIXELS: split_pixel_values_by_grid({**batch, "pixel_values": cf_pixels})["pixel_values"]}
-        device = batch["prompt_ids"].device
+    def _prompt_inputs(
+        self, conversations: list[list[dict[str, Any]]], completion_ids: torch.Tensor
+    ) -> dict[str, Any]:
+        """Model inputs of `conversations` (image parts inserted, or none) ahead of the batch's completions.
+
+        Tokenized with the trainer's chat template, as the base tokenizes the student's prompts: left-padded prompt ids
+        and mask, the processor's multimodal fields, and per-token type fields extended by zeros over the completion.
+        """
+        prompt_ids, _, fields = self._tokenize_prompts(conversations)
         ids = [torch.tensor(p) for p in prompt_ids]
-        return {
-            _CF_PROMPT_IDS: pad(ids, padding_value=self._tokenizer.pad_token_id, padding_side="left").to(device),
-            _CF_PROMPT_MASK: pad([torch.ones_like(t) for t in ids], padding_value=0, padding_side="left").to(device),
+        out = {
+            "prompt_ids": pad(ids, padding_value=self._tokenizer.pad_token_id, padding_side="left"),
+            "prompt_mask": pad([torch.ones_like(t) for t in ids], padding_value=0, padding_side="left"),
         }
+        for key, value in fields.items():
+            if key in ("token_type_ids", "mm_token_type_ids"):
+                types = pad([torch.as_tensor(v) for v in value], padding_value=0, padding_side="left")
+                out[key] = torch.cat([types, types.new_zeros(completion_ids.shape)], dim=1)
+            elif key in _MULTIMODAL_KEYS:
+                # Some processors return a list of per-image tensors (the base converts them the same way)
+                is_list = isinstance(value, list)
+                out[key] = (
+                    torch.stack(value)
+                    if is_list and torch.is_tensor(value[0])
+                    else torch.as_tensor(np.array(value) if is_list else value)
+                )
+        return {k: v.to(completion_ids.device) for k, v in out.items()}
+
+    def _counterfactual_inputs(
+        self, conversations: list[list[dict[str, Any]]], inputs: list[dict[str, Any]], rows: dict[str, Any]
+    ) -> dict[str, Any]:
+        """The counterfactual view of some rollouts' prompts (`conversations`, the rows of `inputs`), as per-rollout
+        batch entries (`_CF_*` keys) beside the original view's inputs `rows`."""
+        view = self.counterfactual_view
+        if not view.keeps_layout:
+            text_only = self._prompt_inputs([copy.deepcopy(c) for c in conversations], rows["completion_ids"])
+            return {_CF_PROMPT_IDS: text_only["prompt_ids"], _CF_PROMPT_MASK: text_only["prompt_mask"]}
+        prompts = [
+            prepare_multimodal_messages(copy.deepcopy(c), images=[view(img) for img in row_images(x)])
+            for c, x in zip(conversations, inputs, strict=True)
+        ]
+        fields = self._prompt_inputs(prompts, rows["completion_ids"])
+        for key in ("image_grid_thw", "image_sizes", "spatial_shapes", "pixel_attention_mask"):
+            if key in rows and not torch.equal(fields[key], rows[key]):
+                raise ValueError(
+                    f"The counterfactual view {view.name!r} changed the processed image layout ({key} differs from the "
+                    "original's), so the two views would not share token positions. Use a view that keeps the image "
+                    "size and aspect, or counterfactual_view='drop'."
+                )
+        cf_pixels = fields["pixel_values"].to(rows["pixel_values"].dtype)
+        if cf_pixels.shape != rows["pixel_values"].shape:
+            raise ValueError(
+                f"The counterfactual view {view.name!r} changed the number of visual patches "
+                f"({tuple(cf_pixels.shape)} vs {tuple(rows['pixel_values'].shape)}); use a size-preserving view."
+            )
+        # Split per rollout like the original pixels, so the base's shuffling and micro-batching carry them along
+        return {_CF_PIXELS: split_pixel_values_by_grid({**rows, "pixel_values": cf_pixels})["pixel_values"]}
+
+    def _teacher_batch(self, inputs: list[dict[str, Any]], batch: dict[str, Any]) -> dict[str, Any]:
+        """The rollouts as the privileged teacher sees them: its own prompt (the cue appended, or the row's teacher
+        prompt) before the same completion tokens, with the same images, in every view the run needs."""
+        args = self.args
+        conversations = [
+            teacher_prompt(x, args.cue_column, args.teacher_prompt_column, args.cue_template) for x in inputs
+        ]
+        with_images = [
+            prepare_multimodal_messages(copy.deepcopy(c), images=row_images(x))
+            for c, x in zip(conversations, inputs, strict=True)
+        ]
+        rows = {**batch, **self._prompt_inputs(with_images, batch["completion_ids"])}
+        # A pixel view's pixels do not depend on the text: the student's counterfactual pixels serve the teacher too
+        if args.needs_counterfactual and not self.counterfactual_view.keeps_layout:
+            rows.update(self._counterfactual_inputs(conversations, inputs, rows))
+        return rows
 
     @staticmethod
     def _counterfactual_rows(rows: dict[str, Any]) -> dict[str, Any]:
@@ -393,6 +444,7 @@ class VAOPDTrainer(DistillationTrainer):
                 self.teacher_model, self._teacher_module, self._hidden_states, self._teacher_module, rows
             )
 
+    @torch.no_grad()
     def _score_views(self, batch: dict[str, Any], rows_per_call: int) -> TeacherScores:
         """The teacher's scores of every rollout under the views the run needs, `rows_per_call` rollouts at a time."""
         head, temperature = self._teacher_head, self.args.divergence_temperature
@@ -471,12 +523,13 @@ class VAOPDTrainer(DistillationTrainer):
         args = self.args
         batch = super()._generate_and_score_completions(inputs)
         if args.needs_counterfactual:
-            batch.update(self._counterfactual_inputs(inputs, batch))
+            batch.update(self._counterfactual_inputs([x["prompt"] for x in inputs], inputs, batch))
         micro_batch = args.per_device_train_batch_size if mode == "train" else args.per_device_eval_batch_size
         # Both views of half a micro-batch per call: the teacher holds as many rows at once as in the base trainer
         both_views_per_call = args.needs_counterfactual and self.counterfactual_view.keeps_layout
         rows_per_call = max(1, micro_batch // 2) if both_views_per_call else micro_batch
-        scores = self._score_views(batch, rows_per_call)
+        teacher_batch = self._teacher_batch(inputs, batch) if args.use_cues else batch
+        scores = self._score_views(teacher_batch, rows_per_call)
         mask = batch["completion_mask"]
         va = visual_advantage(scores.logp, scores.cf_logp, mask) if scores.cf_logp is not None else None
 
@@ -505,7 +558,10 @@ class VAOPDTrainer(DistillationTrainer):
             masked = va_token_mask(va, mask, args.va_token_mask, args.va_token_mask_fraction, self._tie_breaker(mask))
             coefficients = mask_coefficients(coefficients, mask, masked)
             self._log_pooled_share(mode, "mask/va_share", va, masked)
-        batch[_TEACHER_HIDDEN] = scores.hidden
+        if args.kl_estimator == "sampled_token":
+            batch[_TEACHER_LOGP] = scores.logp
+        else:
+            batch[_TEACHER_HIDDEN] = scores.hidden
         batch[_COEFFICIENTS] = coefficients.float()
         batch[_NUM_PROMPTS] = torch.tensor(float(all_groups.unique().numel()), device=mask.device)
         if va is not None:
@@ -584,6 +640,17 @@ class VAOPDTrainer(DistillationTrainer):
             loss = vgs_loss(token_loss, inputs[_COEFFICIENTS], num_prompts, args.vgs_eta)
             terms = torch.stack([standard, visual, language]).detach()
             self._vgs_sums = torch.stack([*terms.sum(dim=(1, 2)), (language.detach() * lp).sum(), lp.sum()]).float()
+        elif args.kl_estimator == "sampled_token":
+            student_logp, entropy = token_logprobs(
+                student_hidden,
+                student_head,
+                inputs["completion_ids"],
+                mask,
+                args.divergence_temperature,
+                with_entropy=True,
+            )
+            standard = sampled_token_kl(student_logp, inputs[_TEACHER_LOGP], mask)
+            loss = vaopd_loss(standard, inputs[_COEFFICIENTS], num_prompts)
         else:
             standard, entropy = per_token_divergence(
                 student_hidden,

@@ -4,6 +4,7 @@
   and the paper's VA masking analysis. Standard OPD is its special case with both components off.
 - `trl_vaopd.objective.vgs`: VGS (VGS.md): the four per-token terms, the language-prior mask, adaptive gamma and
   the loss, composable with VA-OPD's coefficients.
+- `trl_vaopd.objective.vicur`: ViCuR's sampled-token estimate of the reverse KL (VICUR.md section 3).
 
 Everything public is importable from `trl_vaopd.objective` directly.
 """
@@ -32,6 +33,7 @@ from .vgs import (
     vgs_token_terms,
     visual_target_logits,
 )
+from .vicur import sampled_token_kl
 
 
 __all__ = [
@@ -44,6 +46,7 @@ __all__ = [
     "lp_mask",
     "mask_coefficients",
     "rollout_weights",
+    "sampled_token_kl",
     "token_coefficients",
     "uniform_rollout_weights",
     "va_mass_share",
