@@ -129,9 +129,14 @@ class StepRecorder(TrainerCallback):
                 "wall": {"step_s": now[0] - self._last[0], "phases_s": wall},
                 "cpu": {"step_s": now[1] - self._last[1], "phases_s": cpu},
                 "teacher_rows": self.probe["teacher_rows"],
+                "teacher_prompt_rows": self.probe["teacher_prompt_rows"],
+                "teacher_positions": self.probe["teacher_positions"],
                 "student_rows": self.probe["student_rows"],
+                "student_prompt_rows": self.probe["student_prompt_rows"],
+                "student_positions": self.probe["student_positions"],
                 "teacher_calls": self.probe["teacher_calls"],
                 "rollouts": self.probe["rollouts"],
+                "prompt_tokens": self.probe["prompt_tokens"],
                 "completion_lengths": sorted(set(self.probe["completion_lengths"])),
             }
         )
@@ -142,7 +147,18 @@ class StepRecorder(TrainerCallback):
         self._start()
 
     def _reset_counters(self):
-        self.probe.update(teacher_rows=0, teacher_calls=0, student_rows=0, rollouts=0, completion_lengths=[])
+        self.probe.update(
+            teacher_rows=0,
+            teacher_prompt_rows=0,
+            teacher_positions=0,
+            teacher_calls=0,
+            student_rows=0,
+            student_prompt_rows=0,
+            student_positions=0,
+            rollouts=0,
+            prompt_tokens=0,
+            completion_lengths=[],
+        )
 
 
 def _backbone_hooks(module: torch.nn.Module, clock: PhaseClock, name: str, on_call=None, skip_inside=None):
@@ -175,24 +191,31 @@ def instrument(trainer, student, teacher, clock: PhaseClock, is_vaopd: bool, tur
     recorder._reset_counters()
 
     # Forwards, counted at the backbones: every scoring path (TRL's loss, VA-OPD's scoring) and every student pass of
-    # the loss goes through them
-    def count(kwargs):
-        probe["teacher_rows"] += int(kwargs["input_ids"].size(0))
-        probe["teacher_calls"] += 1
+    # the loss goes through them. A call that runs completion tokens (a full pass, or the continuation of a shared
+    # prompt) counts its rows as rollouts scored; a shared prompt's own call counts as prompt rows; every call adds its
+    # non-padding token positions
+    def counter(model: str):
+        def count(kwargs):
+            ids = kwargs["input_ids"]
+            shared_prompt = kwargs.get("use_cache") and kwargs.get("past_key_values") is None
+            probe[f"{model}_prompt_rows" if shared_prompt else f"{model}_rows"] += int(ids.size(0))
+            probe[f"{model}_positions"] += int(kwargs["attention_mask"][:, -ids.size(1) :].sum())
+            if model == "teacher":
+                probe["teacher_calls"] += 1
 
-    def count_student(kwargs):
-        probe["student_rows"] += int(kwargs["input_ids"].size(0))
+        return count
 
-    _backbone_hooks(teacher.base_model, clock, "teacher_forward", on_call=count)
-    _backbone_hooks(student.base_model, clock, "student_forward", on_call=count_student, skip_inside="generation")
+    _backbone_hooks(teacher.base_model, clock, "teacher_forward", on_call=counter("teacher"))
+    _backbone_hooks(student.base_model, clock, "student_forward", on_call=counter("student"), skip_inside="generation")
 
     generate = trainer._generate
 
     def timed_generate(prompts):
         with clock.phase("generation"):
             out = generate(prompts)
-        completion_ids = out[1]
+        prompt_ids, completion_ids = out[0], out[1]
         probe["rollouts"] += len(completion_ids)
+        probe["prompt_tokens"] += sum(len(p) for p in prompt_ids)
         probe["completion_lengths"].extend(len(c) for c in completion_ids)
         return out
 
@@ -240,9 +263,9 @@ def instrument(trainer, student, teacher, clock: PhaseClock, is_vaopd: bool, tur
 
         def keep_cache_size(inputs):
             batch = outer(inputs)
-            size = sum(
-                batch[k].numel() * batch[k].element_size() for k in keys if isinstance(batch.get(k), torch.Tensor)
-            )
+            # Per-rollout tensors (the valid positions only) or one padded tensor
+            kept = [t for k in keys for t in (batch[k] if isinstance(batch.get(k), list) else [batch.get(k)])]
+            size = sum(t.numel() * t.element_size() for t in kept if isinstance(t, torch.Tensor))
             probe["teacher_cache_bytes"] = max(probe.get("teacher_cache_bytes", 0), size)
             return batch
 

@@ -11,6 +11,12 @@ optimizer step and exactly the same completion length (EOS and every special tok
 * `vgs`       `VAOPDTrainer` with `method="vgs"` and the text-only "drop" view, as the VGS paper runs it;
 * `vaopd_vgs` `VAOPDTrainer` with `method=["va_opd", "vgs"]` (pixelate view, which gives both VA and pbar/qbar).
 
+Every `VAOPDTrainer` run shares each sibling group's prompt (image included) in its teacher and student passes
+(`prefix_sharing=True`, the default). The `sharing` sweep compares TRL OPD, VA-OPD and VA-OPD without sharing
+(`vaopd_unshared`) on two prompt shapes, K = 4 and 8: a long prompt (about 4x the completion, mostly image tokens) and
+a Geometry3K-like one (about half the completion), with micro-batches of 2K rollouts so that a teacher call holds
+whole sibling groups. Besides rows, the hooks count the non-padding token positions each backbone processed.
+
 Each run is a fresh process forked from this one (libraries imported once, models built in the child), so its peak
 memory is its own. The runs of one comparison live side by side and take their optimizer steps in turn (lock-step), so
 load from other jobs on the machine hits them alike. Per optimizer step a run records its wall and CPU time, the
@@ -82,7 +88,12 @@ SETTINGS = {
     "vaopd": {"method": "va_opd"},
     "vgs": {"method": "vgs", "counterfactual_view": "drop"},
     "vaopd_vgs": {"method": ["va_opd", "vgs"]},
+    "vaopd_unshared": {"method": "va_opd", "prefix_sharing": False},
 }
+# Prompt shapes of the sharing sweep: (image side in pixels, completion tokens). A 320-pixel image is 100 visual
+# tokens of the tiny Qwen3-VL (10 x 10 merged 32-pixel patches), a 64-pixel one 4; the question adds about 25
+SHARING_SHAPES = {"long_prompt": (320, 32), "geometry3k_like": (64, 64)}
+SHARING_TRAINERS = ("trl_opd", "vaopd", "vaopd_unshared")
 # Phases whose work differs between the trainers by design. `loss_glue` holds TRL OPD's teacher-call plumbing (the
 # teacher runs inside its loss); `teacher_scoring` holds VA-OPD's (the teacher runs while scoring).
 DESIGN_PHASES = (
@@ -95,8 +106,8 @@ DESIGN_PHASES = (
 )
 # Expected teacher and student (training) forwards per rollout: VA-OPD adds the teacher's counterfactual view, VGS also
 # the student's (README, "Methods and what they cost")
-EXPECTED_TEACHER_FORWARDS = {"trl_opd": 1, "vaopd_off": 1, "vaopd": 2, "vgs": 2, "vaopd_vgs": 2}
-EXPECTED_STUDENT_FORWARDS = {"trl_opd": 1, "vaopd_off": 1, "vaopd": 1, "vgs": 2, "vaopd_vgs": 2}
+EXPECTED_TEACHER_FORWARDS = {"trl_opd": 1, "vaopd_off": 1, "vaopd": 2, "vgs": 2, "vaopd_vgs": 2, "vaopd_unshared": 2}
+EXPECTED_STUDENT_FORWARDS = {"trl_opd": 1, "vaopd_off": 1, "vaopd": 1, "vgs": 2, "vaopd_vgs": 2, "vaopd_unshared": 1}
 
 
 @dataclass(frozen=True)
@@ -382,6 +393,10 @@ def summarise(spec: RunSpec, raws: list[dict], clock: str, memory_raws: list[dic
     teacher_rows = sum(s["teacher_rows"] for s in every)
     student_rows = sum(s["student_rows"] for s in every)
     rollouts = sum(s["rollouts"] for s in every)
+
+    def per_rollout(key):
+        return sum(s[key] for s in every) / rollouts if rollouts else None
+
     # Memory: the median over runs, each its own process
     memory_source = memory_raws or raws
     memory = {k: int(_median(raw[k] for raw in memory_source)) for k in MEMORY_KEYS}
@@ -421,6 +436,13 @@ def summarise(spec: RunSpec, raws: list[dict], clock: str, memory_raws: list[dic
         "teacher_forwards_per_rollout": teacher_rows / rollouts if rollouts else None,
         "student_rows": student_rows,
         "student_forwards_per_rollout": student_rows / rollouts if rollouts else None,
+        # Token positions per rollout: what sharing changes (P / K + C per pass instead of P + C)
+        "prompt_tokens_per_rollout": per_rollout("prompt_tokens"),
+        "teacher_positions_per_rollout": per_rollout("teacher_positions"),
+        "student_positions_per_rollout": per_rollout("student_positions"),
+        "teacher_prompt_rows": sum(s["teacher_prompt_rows"] for s in every),
+        "student_prompt_rows": sum(s["student_prompt_rows"] for s in every),
+        "teacher_cache_bytes_per_rollout": memory["teacher_cache_bytes"] / spec.rollouts,
         "teacher_calls_per_step": [s["teacher_calls"] for s in every],
         "completion_lengths_seen": sorted({n for s in every for n in s["completion_lengths"]}),
         "memory": memory,
@@ -523,6 +545,19 @@ def build_plan(opts) -> list[list[RunSpec]]:
         for k in (2, 4, 8, 16):
             if base.rollouts % k == 0:
                 plan += sweep("k", k, k=k)
+    if "sharing" in sweeps:
+        # Micro-batches of 2K rollouts: a teacher call (both views of half a micro-batch) holds a whole sibling group
+        for shape, (image_size, length) in SHARING_SHAPES.items():
+            for k in (4, 8):
+                extra = {"sweep": "sharing", "shape": shape, "value": k}
+                tag = f"{shape}_k{k}"
+                plan.append(
+                    [
+                        replace(base, trainer=t, tag=tag, image_size=image_size, length=length, k=k, per_device=2 * k,
+                                extra=extra, **short)
+                        for t in SHARING_TRAINERS
+                    ]
+                )  # fmt: skip
     if "ratio" in sweeps:
         # Teacher width / student width (at equal depth the teacher has ratio^2 times the non-embedding parameters)
         for ratio in (1, 2, 4):
@@ -610,7 +645,49 @@ def analyse(results: list[dict], device: str) -> dict:
         smallest = min(by[(f"vocab_{v['vocab_size']:g}", "trl_opd")]["memory"]["memory_peak_bytes"] for v in vocab)
         vocab_flat = max(extras) - min(extras) <= 0.05 * smallest and all(v["peak_ratio"] <= 1.05 for v in vocab)
 
+    sharing = []
+    for r in results:
+        if r["config"].get("sweep") != "sharing" or r["trainer"] != "vaopd":
+            continue
+        o, u = by[(r["tag"], "trl_opd")], by[(r["tag"], "vaopd_unshared")]
+        prompt, length, k = r["prompt_tokens_per_rollout"], r["config"]["completion_length"], r["config"]["k"]
+        sharing.append(
+            {
+                "shape": r["config"]["shape"],
+                "k": k,
+                "prompt_tokens": prompt,
+                "completion_tokens": length,
+                "teacher_positions_per_rollout": {
+                    t: x["teacher_positions_per_rollout"]
+                    for t, x in (("trl_opd", o), ("vaopd", r), ("vaopd_unshared", u))
+                },
+                "student_positions_per_rollout": {
+                    t: x["student_positions_per_rollout"]
+                    for t, x in (("trl_opd", o), ("vaopd", r), ("vaopd_unshared", u))
+                },
+                "expected_teacher_positions_per_rollout": 2 * (prompt / k + length),
+                "step_ratio": r["median_step_time_s"] / o["median_step_time_s"],
+                "unshared_step_ratio": u["median_step_time_s"] / o["median_step_time_s"],
+                "peak_ratio": r["memory"]["memory_peak_bytes"] / o["memory"]["memory_peak_bytes"],
+                "groups": {t: x["group_medians_s"] for t, x in (("trl_opd", o), ("vaopd", r), ("vaopd_unshared", u))},
+                "teacher_cache_bytes_per_rollout": r["teacher_cache_bytes_per_rollout"],
+            }
+        )
+
+    def sharing_target(shape: str, bound: float, key: str = "step_ratio"):
+        values = [x[key] for x in sharing if x["shape"] == shape]
+        return all(v <= bound for v in values) if values else None
+
     targets = {
+        "teacher_positions_shared": all(
+            abs(x["teacher_positions_per_rollout"]["vaopd"] - x["expected_teacher_positions_per_rollout"]) < 1e-6
+            for x in sharing
+        )
+        if sharing
+        else None,
+        "sharing_long_prompt_step_ratio_le_1.0": sharing_target("long_prompt", 1.0),
+        "sharing_geometry3k_like_step_ratio_le_1.15": sharing_target("geometry3k_like", 1.15),
+        "sharing_peak_memory_ratio_le_1.05": all(x["peak_ratio"] <= 1.05 for x in sharing) if sharing else None,
         "teacher_forwards_exact": all(
             r["teacher_forwards_per_rollout"] == EXPECTED_TEACHER_FORWARDS[r["trainer"]] for r in results
         ),
@@ -638,6 +715,7 @@ def analyse(results: list[dict], device: str) -> dict:
     return {
         "clock": opd["clock"],
         "method_ratios": ratios,
+        "prefix_sharing": sharing,
         "step_time_ratio": step_ratio,
         "step_time_ratio_per_repetition": per_round,
         "step_time_ratio_paired_median": _median(paired),
@@ -762,7 +840,7 @@ def markdown(report: dict) -> str:
         )
     sweeps: dict[str, dict] = {}
     for r in results:
-        if "sweep" in r["config"]:
+        if r["config"].get("sweep") not in (None, "sharing"):  # the sharing sweep has a table of its own
             sweeps.setdefault(r["config"]["sweep"], {}).setdefault(r["config"]["value"], {})[r["trainer"]] = r
     for name, values in sweeps.items():
         lines += [
@@ -783,6 +861,27 @@ def markdown(report: dict) -> str:
                 f"{mv['memory_peak_bytes'] / mo['memory_peak_bytes']:.3f} | {_mib(o['working_memory_bytes']):.1f} | "
                 f"{_mib(v['working_memory_bytes']):.1f} | {_mib(mv['teacher_cache_bytes']):.2f} | "
                 f"{_mib(mo['full_logits_bytes_per_model']):.1f} | {_mib(mo['student_param_bytes'] + mo['teacher_param_bytes']):.1f} |"
+            )
+    if a["prefix_sharing"]:
+        lines += [
+            "",
+            "## Prefix sharing: token positions per rollout and step time against TRL OPD",
+            "",
+            "| shape | K | prompt P | completion C | teacher positions / rollout: TRL OPD, VA-OPD shared (2(P/K+C)), VA-OPD unshared | student positions / rollout: TRL OPD, VA-OPD shared | step ratio shared / unshared | peak ratio | kept teacher state (bytes / rollout) | teacher, student, generation (s): TRL OPD -> VA-OPD shared |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for x in a["prefix_sharing"]:
+            t, st, g = x["teacher_positions_per_rollout"], x["student_positions_per_rollout"], x["groups"]
+            lines.append(
+                f"| {x['shape']} | {x['k']} | {x['prompt_tokens']:.1f} | {x['completion_tokens']} | "
+                f"{t['trl_opd']:.1f}, {t['vaopd']:.1f} ({x['expected_teacher_positions_per_rollout']:.1f}), "
+                f"{t['vaopd_unshared']:.1f} | {st['trl_opd']:.1f}, {st['vaopd']:.1f} | "
+                f"{x['step_ratio']:.3f} / {x['unshared_step_ratio']:.3f} | {x['peak_ratio']:.3f} | "
+                f"{x['teacher_cache_bytes_per_rollout']:.0f} | "
+                + ", ".join(
+                    f"{g['trl_opd'][p]:.3f} -> {g['vaopd'][p]:.3f}" for p in ("teacher", "student", "generation")
+                )
+                + " |"
             )
     e = a["extra_time_s"]
     lines += [
@@ -819,7 +918,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--quick", action="store_true", help="tiny budget (smoke test): base and layouts, memory from the timed runs"
     )
-    parser.add_argument("--sweeps", default=None, help="comma list of vocab,length,k,ratio; '' for none")
+    parser.add_argument("--sweeps", default=None, help="comma list of vocab,length,k,ratio,sharing; '' for none")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved repetitions of the base runs")
     parser.add_argument("--steps", type=int, default=None, help="measured steps of the base runs")
     parser.add_argument("--length", type=int, default=None, help="completion length of the base runs")
@@ -841,7 +940,7 @@ def main(argv=None) -> int:
     if opts.rounds is None:
         opts.rounds = 3 if cpu and not opts.quick else 1
     if opts.sweeps is None:
-        opts.sweeps = "vocab,length,k,ratio" if cpu and not opts.quick else ""
+        opts.sweeps = "vocab,length,k,ratio,sharing" if cpu and not opts.quick else ""
     if opts.lockstep is None:
         opts.lockstep = cpu
     if opts.threads is None:

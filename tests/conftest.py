@@ -19,13 +19,15 @@ def noise_image(index: int, size: int = 32) -> Image.Image:
     return Image.fromarray(np.random.default_rng(index).integers(0, 256, (size, size, 3), dtype=np.uint8))
 
 
+def question(index: int) -> str:
+    """The question of row `index`: lengths vary, so a batch of prompts is left-padded."""
+    return f"What number is shown in picture {index}?" + " Look closely." * (index % 3)
+
+
 def image_question_dataset(num_prompts: int = 8) -> Dataset:
     return Dataset.from_list(
         [
-            {
-                "prompt": [{"role": "user", "content": f"What number is shown in picture {i}?"}],
-                "images": [noise_image(i)],
-            }
+            {"prompt": [{"role": "user", "content": question(i)}], "images": [noise_image(i)]}
             for i in range(num_prompts)
         ]
     )

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 
 import torch
-from conftest import noise_image
+from conftest import noise_image, question
 
 from trl_vaopd.objective import (
     adaptive_gamma,
@@ -65,11 +65,6 @@ def rollout_key(row: Rollout) -> tuple:
     return tuple(row.prompt.tolist()), tuple(row.completion.tolist())
 
 
-def question(picture: int) -> str:
-    """The question of `conftest.image_question_dataset`'s row `picture`."""
-    return f"What number is shown in picture {picture}?"
-
-
 def _logits(model, processor, row: Rollout, view: str, pixelate_ratio: float, text: str) -> torch.Tensor:
     """`(n, V)` float64 logits predicting the row's completion tokens after the user turn `text` under `view`
     ("original" or a view name), over the tokenizer's vocabulary (a padded head's extra rows are no token)."""
@@ -105,10 +100,15 @@ def _stack(rows: list[Rollout], values: list[torch.Tensor]) -> torch.Tensor:
     return out
 
 
-def reference(rows: list[Rollout], student, teacher, processor, args, cues: dict[int, str] | None = None) -> dict:
+def reference(
+    rows: list[Rollout], student, teacher, processor, args, cues: dict[int, str] | None = None, va=None
+) -> dict:
     """METHOD.md's (and VGS.md's) quantities and loss `L` for `args`, over the rollouts `rows` (the whole batch).
 
     With `cues` (picture -> cue), the teacher reads the question followed by `"\n[Hint]: <cue>"` in every view.
+    With `va` (`(N, T)`, a run's own visual advantages, compared with the reference's at float32 tolerance
+    elsewhere), the rollout weights and coefficients come from it: the weights' z-scores divide by the spread of the
+    siblings' mean VA, which on tiny models is small enough to turn float32 rounding of VA into visible differences.
     `student` and `teacher` are converted to float64 in place; the returned `loss` carries the student's gradient.
     """
     student, teacher = student.double(), teacher.double()
@@ -145,7 +145,8 @@ def reference(rows: list[Rollout], student, teacher, processor, args, cues: dict
 
     with torch.no_grad():
         teacher_logits, teacher_cf_logits = logits(teacher, "original"), logits(teacher, view)
-    va = visual_advantage(token_logp(teacher_logits), token_logp(teacher_cf_logits), mask)
+    reference_va = visual_advantage(token_logp(teacher_logits), token_logp(teacher_cf_logits), mask)
+    va = reference_va if va is None else va.double()
     groups = [row.picture for row in rows]
     if args.rollout_weighting:
         weights = rollout_weights(va.sum(1) / mask.sum(1), groups, args.va_weight_temperature, args.va_eps)
@@ -156,7 +157,7 @@ def reference(rows: list[Rollout], student, teacher, processor, args, cues: dict
     )
     num_prompts = len(set(groups))
     student_logits = logits(student, "original")
-    out = {"rows": rows, "va": va, "mask": mask, "weights": weights, "coefficients": coefficients}
+    out = {"rows": rows, "va": reference_va, "mask": mask, "weights": weights, "coefficients": coefficients}
     if args.vgs:
         terms = vgs_token_terms(student_logits, logits(student, view), teacher_logits, teacher_cf_logits, mask)
         lp = lp_mask(terms.vds, mask, args.vgs_lp_quantile)

@@ -9,26 +9,51 @@ from trl_vaopd import VAOPDTrainer
 from trl_vaopd.tiny_models import build_model
 
 
-def count_rows(model, counts: list[int]) -> None:
-    """Append the rows of every training-style forward (no KV cache) of `model`'s backbone to `counts`."""
+class Passes:
+    """What a model's backbone computed inside the trainer's scoring and loss passes (generation excluded), counted by
+    a forward pre-hook: the rollouts whose completion tokens a call ran (a full pass, or the continuation of a shared
+    prompt), the prompts a shared-prompt call ran, and the non-padding token positions of every call."""
 
-    def hook(module, args, kwargs):
-        if kwargs.get("use_cache") is False:
-            counts.append(kwargs["input_ids"].size(0))
+    def __init__(self, model):
+        self.active = False
+        self.rollouts = self.prompts = self.positions = 0
+        model.base_model.register_forward_pre_hook(self._count, with_kwargs=True)
 
-    model.base_model.register_forward_pre_hook(hook, with_kwargs=True)
+    def _count(self, module, args, kwargs):
+        if not self.active:
+            return
+        ids = kwargs["input_ids"]
+        self.positions += int(kwargs["attention_mask"][:, -ids.size(1) :].sum())
+        if kwargs.get("use_cache") and kwargs.get("past_key_values") is None:
+            self.prompts += ids.size(0)  # a shared prompt, whose completions run next on its cache
+        else:
+            self.rollouts += ids.size(0)
+
+
+def count_passes(trainer, *passes: Passes) -> None:
+    """Turn the counters on while the trainer runs its scoring and loss passes (`_hidden_states`)."""
+    hidden_states = trainer._hidden_states
+
+    def counted(*args, **kwargs):
+        for p in passes:
+            p.active = True
+        try:
+            return hidden_states(*args, **kwargs)
+        finally:
+            for p in passes:
+                p.active = False
+
+    trainer._hidden_states = counted
 
 
 def run_one_step(processors, tmp_path, family="qwen3_vl", dataset=None, **overrides):
-    """One real `train()` step on the tiny pair of `family`: the trainer, the update of every parameter, and the rows
-    the teacher's and the student's backbones processed outside generation."""
+    """One real `train()` step on the tiny pair of `family`: the trainer, the update of every parameter, and what the
+    teacher's and the student's backbones computed outside generation (`Passes`)."""
     processor = processors[family]
     student = build_model(family, processor, "student", seed=0)
     teacher = build_model(family, processor, "teacher", seed=1)
     before = {n: p.detach().clone() for n, p in student.named_parameters()}
-    teacher_rows, student_rows = [], []
-    count_rows(teacher, teacher_rows)
-    count_rows(student, student_rows)
+    teacher_passes, student_passes = Passes(teacher), Passes(student)
     trainer = VAOPDTrainer(
         model=student,
         teacher_model=teacher,
@@ -36,14 +61,15 @@ def run_one_step(processors, tmp_path, family="qwen3_vl", dataset=None, **overri
         train_dataset=image_question_dataset(8) if dataset is None else dataset,
         processing_class=processor,
     )
+    count_passes(trainer, teacher_passes, student_passes)
     trainer.train()
     delta = {n: p.detach() - before[n] for n, p in trainer.model.named_parameters()}
-    # Copies: later reference forwards must not count
-    return trainer, delta, list(teacher_rows), list(student_rows)
+    return trainer, delta, teacher_passes, student_passes
 
 
 def cat(batches, key):
-    return torch.cat([b[key] for b in batches])
+    """A per-rollout entry over micro-batches (per-row lists, such as the kept teacher states, are packed)."""
+    return torch.cat([torch.cat(b[key]) if isinstance(b[key], list) else b[key] for b in batches])
 
 
 def assert_update_is_minus_gradient(delta, student):
@@ -64,7 +90,7 @@ def check_step_against_reference(processors, tmp_path, cues=None, **overrides):
     the whole generation batch, and the per-token quantities it scored equal the reference's. With `cues` (picture ->
     cue) the dataset carries them and the reference's teacher reads them."""
     dataset = None if cues is None else image_question_dataset(8).add_column("cue", [cues[i] for i in range(8)])
-    trainer, delta, teacher_rows, student_rows = run_one_step(processors, tmp_path, dataset=dataset, **overrides)
+    trainer, delta, teacher_passes, student_passes = run_one_step(processors, tmp_path, dataset=dataset, **overrides)
     processor = processors["qwen3_vl"]
     micro = trainer._buffered_inputs
     rows = rollouts_of(micro, processor.tokenizer)
@@ -81,4 +107,4 @@ def check_step_against_reference(processors, tmp_path, cues=None, **overrides):
     if trainer.args.vgs:
         assert torch.equal(cat(micro, "vgs_lp_mask")[:, :width], ref["lp"])
         torch.testing.assert_close(cat(micro, "vgs_gamma")[:, :width].double(), ref["gamma"])
-    return trainer, ref, teacher_rows, student_rows
+    return trainer, ref, teacher_passes, student_passes

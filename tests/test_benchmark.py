@@ -111,4 +111,18 @@ def test_forwards_are_counted_exactly_for_every_layout(quick_run):
         assert any(per_device < report["results"][0]["config"]["k"] for per_device, _ in seen), seen
     assert report["analysis"]["targets"]["teacher_forwards_exact"] is True
     assert report["analysis"]["targets"]["student_forwards_exact"] is True
+
+
+def test_token_positions_show_the_shared_prompts(quick_run):
+    report, _, _ = quick_run
+    base = {r["trainer"]: r for r in report["results"] if r["tag"] == "base"}
+    prompt, length = base["trl_opd"]["prompt_tokens_per_rollout"], base["trl_opd"]["config"]["completion_length"]
+    assert prompt > 0 and base["vaopd"]["prompt_tokens_per_rollout"] == prompt  # the same prompts everywhere
+    # TRL's trainer runs prompt + completion once per rollout in each model
+    assert base["trl_opd"]["teacher_positions_per_rollout"] == base["trl_opd"]["student_positions_per_rollout"]
+    assert base["trl_opd"]["teacher_positions_per_rollout"] == prompt + length
+    # VAOPDTrainer runs each group's prompt once per call: 2 views, fewer than 2 (P + C); the student under P + C
+    assert base["vaopd"]["teacher_prompt_rows"] > 0 and base["vaopd"]["student_prompt_rows"] > 0
+    assert length * 2 < base["vaopd"]["teacher_positions_per_rollout"] < 2 * (prompt + length)
+    assert length < base["vaopd"]["student_positions_per_rollout"] < prompt + length
     assert report["analysis"]["targets"]["completion_lengths_forced"] is True

@@ -122,7 +122,17 @@ def run_reference(result: dict, lora: bool = False) -> dict:
     teacher = build_model("qwen3_vl", processor, "teacher", seed=1)
     if result["pad_heads"]:
         teacher = pad_output_head(teacher, 11, seed=3)
-    ref = reference(rows, student, teacher, processor, SimpleNamespace(**result["settings"]))
+    # The run's own VA (compared with the reference's by `assert_va_matches`) sets the weights: see `reference`
+    width = max(row.completion.numel() for row in rows)
+    run_va = torch.zeros(len(rows), width)
+    for i, row in enumerate(rows):
+        (scored,) = result["ranks"][row.rank]["scored"]
+        j, n = row.index, row.completion.numel()
+        va = visual_advantage(
+            scored["logp_original"][j], scored["logp_counterfactual"][j], scored["completion_mask"][j]
+        )
+        run_va[i, :n] = va[:n]
+    ref = reference(rows, student, teacher, processor, SimpleNamespace(**result["settings"]), va=run_va)
     ref["loss"].backward()
     ref["loss"] = ref["loss"].item()
     ref["grads"] = {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in student.named_parameters()}

@@ -17,11 +17,11 @@ def test_update_is_minus_gradient_of_method_loss_for_every_layout(processors, tm
         with pytest.raises(ValueError, match="whole groups of num_generations=4"):
             make_args(tmp_path, per_device_train_batch_size=3, gradient_accumulation_steps=accumulation)
         return
-    trainer, _, teacher_rows, student_rows = check_step_against_reference(
+    trainer, _, teacher, student = check_step_against_reference(
         processors, tmp_path, per_device_train_batch_size=per_device, gradient_accumulation_steps=accumulation
     )
     # Budget: the teacher scores each rollout under two views, and never again for the loss; the student runs once
-    assert sum(teacher_rows) == 2 * 8 and sum(student_rows) == 8
+    assert teacher.rollouts == 2 * 8 and student.rollouts == 8
     coefficients = cat(trainer._buffered_inputs, "vaopd_coefficients")
     assert coefficients.sum().item() == pytest.approx(2.0, rel=1e-5)  # two prompts, each summing to one
 
@@ -39,7 +39,7 @@ def test_update_is_minus_gradient_of_method_loss_for_every_layout(processors, tm
 def test_vgs_update_is_minus_gradient_of_its_objective_for_every_layout(
     processors, tmp_path, method, view, per_device, accumulation
 ):
-    trainer, ref, teacher_rows, student_rows = check_step_against_reference(
+    trainer, ref, teacher, student = check_step_against_reference(
         processors,
         tmp_path,
         method=method,
@@ -48,7 +48,7 @@ def test_vgs_update_is_minus_gradient_of_its_objective_for_every_layout(
         gradient_accumulation_steps=accumulation,
     )
     # Budget (VGS.md): two teacher passes per rollout, with and without the image, and two student passes
-    assert sum(teacher_rows) == 2 * 8 and sum(student_rows) == 2 * 8
+    assert teacher.rollouts == 2 * 8 and student.rollouts == 2 * 8
     # The LP mask (checked above against the quantile over the whole generation batch) holds some tokens, not all
     assert 0 < ref["lp"].sum() < ref["mask"].sum()
     logs = trainer.state.log_history[0]
@@ -71,17 +71,17 @@ def test_adaptive_gamma_matches_the_reference(processors, tmp_path):
 
 
 def test_opd_runs_the_teacher_once_per_rollout_and_is_standard_opd(processors, tmp_path):
-    trainer, _, teacher_rows, student_rows = check_step_against_reference(
+    trainer, _, teacher, student = check_step_against_reference(
         processors, tmp_path, method="opd", per_device_train_batch_size=4, gradient_accumulation_steps=2
     )
-    assert sum(teacher_rows) == 8 and sum(student_rows) == 8  # as trl.DistillationTrainer
+    assert teacher.rollouts == 8 and student.rollouts == 8  # as trl.DistillationTrainer
     logs = trainer.state.log_history[0]
     assert logs["weights/max"] == logs["weights/min"] == pytest.approx(0.25)
     assert "va/mean" not in logs  # no counterfactual view, hence no VA
 
 
 def test_both_switches_off_is_standard_opd(processors, tmp_path):
-    trainer, _, teacher_rows, _ = check_step_against_reference(
+    trainer, _, teacher, _ = check_step_against_reference(
         processors,
         tmp_path,
         rollout_weighting=False,
@@ -92,7 +92,7 @@ def test_both_switches_off_is_standard_opd(processors, tmp_path):
     )
     logs = trainer.state.log_history[0]
     assert logs["weights/max"] == logs["weights/min"] == pytest.approx(0.25)
-    assert logs["va/mean"] > 0 and sum(teacher_rows) == 2 * 8  # the VA metrics cost the counterfactual pass
+    assert logs["va/mean"] > 0 and teacher.rollouts == 2 * 8  # the VA metrics cost the counterfactual pass
 
 
 def test_logs_va_metrics(processors, tmp_path):
@@ -109,7 +109,7 @@ def test_logs_va_metrics(processors, tmp_path):
 @pytest.mark.parametrize("method,view", [("va_opd", "pixelate"), ("vgs", "drop"), (["va_opd", "vgs"], "pixelate")])
 @pytest.mark.parametrize("family", [f for f in TINY_FAMILIES if f != "qwen3_vl"])
 def test_trains_on_other_families(processors, tmp_path, family, method, view):
-    trainer, delta, teacher_rows, student_rows = run_one_step(
+    trainer, delta, teacher, student = run_one_step(
         processors,
         tmp_path,
         family=family,
@@ -123,15 +123,15 @@ def test_trains_on_other_families(processors, tmp_path, family, method, view):
     assert torch.isfinite(torch.tensor(logs["loss"])) and logs["loss"] > 0
     assert logs["va/mean"] > 0
     assert any(d.abs().max() > 0 for d in delta.values())
-    assert sum(teacher_rows) == 2 * 8
-    assert sum(student_rows) == (2 * 8 if trainer.args.vgs else 8)
+    assert teacher.rollouts == 2 * 8
+    assert student.rollouts == (2 * 8 if trainer.args.vgs else 8)
 
 
 @pytest.mark.parametrize("view", ["drop", "blank", "blur"])
 def test_other_views_train(processors, tmp_path, view):
-    trainer, _, teacher_rows, _ = run_one_step(processors, tmp_path, counterfactual_view=view, learning_rate=1e-3)
+    trainer, _, teacher, _ = run_one_step(processors, tmp_path, counterfactual_view=view, learning_rate=1e-3)
     assert trainer.state.log_history[0]["va/mean"] > 0
-    assert sum(teacher_rows) == 2 * 8
+    assert teacher.rollouts == 2 * 8
 
 
 def test_size_changing_custom_view_is_refused(processors, tmp_path):

@@ -99,7 +99,7 @@ def test_a_teacher_prompt_equal_to_the_student_prompt_reproduces_the_unprivilege
 def test_cue_step_is_minus_gradient_of_the_objective_with_the_privileged_teacher(
     processors, tmp_path, method, view, per_device, accumulation
 ):
-    _, ref, teacher_rows, student_rows = check_step_against_reference(
+    _, ref, teacher, student = check_step_against_reference(
         processors,
         tmp_path,
         cues=CUES,
@@ -110,13 +110,13 @@ def test_cue_step_is_minus_gradient_of_the_objective_with_the_privileged_teacher
         gradient_accumulation_steps=accumulation,
     )
     # The cue costs no pass: the teacher still runs once per view it needs
-    assert sum(teacher_rows) == 2 * 8 and sum(student_rows) == (2 if "vgs" in method else 1) * 8
+    assert teacher.rollouts == 2 * 8 and student.rollouts == (2 if "vgs" in method else 1) * 8
     assert ref["va"].max() > 0
 
 
 @pytest.mark.parametrize("cues", [None, CUES])
 def test_sampled_token_estimator_steps_along_the_papers_policy_gradient(processors, tmp_path, cues):
-    trainer, ref, teacher_rows, _ = check_step_against_reference(
+    trainer, ref, teacher, _ = check_step_against_reference(
         processors,
         tmp_path,
         cues=cues,
@@ -126,7 +126,7 @@ def test_sampled_token_estimator_steps_along_the_papers_policy_gradient(processo
         per_device_train_batch_size=4,
         gradient_accumulation_steps=2,
     )
-    assert sum(teacher_rows) == 8  # plain OPD and ViCuR: one teacher view
+    assert teacher.rollouts == 8  # plain OPD and ViCuR: one teacher view
     # Only the teacher's log-probs of the sampled tokens are kept for the loss, not its hidden states
     batch = trainer._buffered_inputs[0]
     assert "teacher_token_logprobs" in batch and "teacher_hidden_states" not in batch

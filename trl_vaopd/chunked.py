@@ -85,6 +85,12 @@ class OutputHead:
             yield rows[0], rows[1]
 
 
+def _at_valid(hidden: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Hidden states at the valid positions: `(N, T, H)` aligned ones are selected, `(M, H)` packed ones (the valid
+    positions only, in row order, as the trainer keeps the teacher's) are taken as they are."""
+    return hidden[valid] if hidden.dim() == 3 else hidden
+
+
 def _scatter(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     out = torch.zeros(valid.shape, dtype=values.dtype, device=values.device)
     out[valid] = values
@@ -107,7 +113,8 @@ def per_token_divergence(
 
     Args:
         student_hidden: `(N, T, H_s)` student hidden states aligned to the completion tokens.
-        teacher_hidden: `(N, T, H_t)` teacher hidden states aligned to the same tokens.
+        teacher_hidden: `(N, T, H_t)` teacher hidden states aligned to the same tokens, or `(M, H_t)` at the valid
+            positions only.
         student_head, teacher_head: the two output heads (same compared vocabulary).
         mask: `(N, T)` valid-token mask.
         beta: divergence interpolation coefficient.
@@ -118,7 +125,7 @@ def per_token_divergence(
     """
     valid = mask.bool()
     h_s = student_hidden[valid]
-    h_t = teacher_hidden[valid].to(h_s.device)
+    h_t = _at_valid(teacher_hidden, valid).to(h_s.device)
     with student_head.gathered() as (s_weight, s_bias), teacher_head.gathered() as (t_weight, t_bias):
         divergence, entropy = ChunkedDivergenceFunction.apply(
             h_s,
@@ -308,7 +315,8 @@ def vgs_divergences(
     Args:
         student_hidden, student_cf_hidden: `(N, T, H_s)` student hidden states with the image and under the
             counterfactual view, aligned to the same completion tokens.
-        teacher_hidden, teacher_cf_hidden: `(N, T, H_t)` the teacher's, likewise.
+        teacher_hidden, teacher_cf_hidden: `(N, T, H_t)` the teacher's, likewise, or `(M, H_t)` at the valid
+            positions only.
         student_head, teacher_head: the two output heads (same compared vocabulary).
         mask: `(N, T)` valid-token mask.
         temperature: softmax temperature of all four distributions.
@@ -318,7 +326,7 @@ def vgs_divergences(
     """
     valid = mask.bool()
     h_p, h_pbar = student_hidden[valid], student_cf_hidden[valid]
-    h_q, h_qbar = teacher_hidden[valid].to(h_p.device), teacher_cf_hidden[valid].to(h_p.device)
+    h_q, h_qbar = _at_valid(teacher_hidden, valid).to(h_p.device), _at_valid(teacher_cf_hidden, valid).to(h_p.device)
     outputs = _VGSDivergences.apply(
         h_p,
         h_pbar,

@@ -102,6 +102,12 @@ class VAOPDConfig(DistillationConfig):
             `A_t = log p_T(y_t) - log p_S(y_t)`; the full KL is its exact expectation. Needs `beta=1.0` and VGS off;
             the teacher's hidden states are then not kept.
 
+        prefix_sharing (`bool`, *optional*, defaults to `True`):
+            Whether sibling rollouts, which share their prompt (image included), run it once per model pass: the prompt
+            of each group runs with a KV cache that the completions continue. Exact (up to float rounding) for
+            Qwen2.5-VL, Qwen3-VL and LLaVA; other families, and a student with gradient checkpointing, run full passes
+            (logged once). Off: every rollout runs prompt and completion in full, as TRL's trainer.
+
         > Parameters of ViCuR (used when `use_cues` or `cue_recovery` is on)
 
         cue_column (`str`, *optional*, defaults to `"cue"`):
@@ -227,6 +233,10 @@ class VAOPDConfig(DistillationConfig):
             "help": "Per-token divergence: over the full vocabulary, or ViCuR's sampled-token estimate.",
             "choices": list(KL_ESTIMATORS),
         },
+    )
+    prefix_sharing: bool = field(
+        default=True,
+        metadata={"help": "Run each sibling group's shared prompt once per model pass, where that is exact."},
     )
     cue_column: str = field(default="cue", metadata={"help": "Dataset column of the cues."})
     teacher_prompt_column: str | None = field(

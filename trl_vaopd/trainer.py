@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+from accelerate.logging import get_logger
 from datasets import IterableDataset
 from PIL import Image
 from trl import DistillationTrainer
@@ -32,6 +33,7 @@ from trl.trainer.utils import (
     create_model_from_path,
     pad,
     split_pixel_values_by_grid,
+    split_tensor_dict,
     unsplit_pixel_values_by_grid,
 )
 
@@ -55,12 +57,15 @@ from .objective import (
     vgs_token_loss,
     visual_advantage,
 )
+from .prefix_sharing import prefix_groups, prefix_sharing_support, shared_prefix_hidden_states
 from .privileged import teacher_prompt, validate_privileged_columns
 from .views import CounterfactualView, get_view
 from .vocabulary import compared_vocab_size, load_tokenizer_of
 
 
 __all__ = ["TeacherScores", "VAOPDTrainer"]
+
+logger = get_logger(__name__)
 
 # Model inputs besides the token ids that `DistillationTrainer` carries per rollout for VLMs
 _MULTIMODAL_KEYS = (
@@ -89,12 +94,22 @@ _CF_PROMPT_IDS = "counterfactual_prompt_ids"
 _CF_PROMPT_MASK = "counterfactual_prompt_mask"
 
 
-def _slice_rows(batch: dict[str, Any], start: int, end: int) -> dict[str, Any]:
-    # Per-rollout values (tensors with a batch dim, per-row lists) are sliced; scalars are shared
-    return {
-        k: v[start:end] if isinstance(v, list) or (isinstance(v, torch.Tensor) and v.ndim > 0) else v
-        for k, v in batch.items()
-    }
+def _take_rows(batch: dict[str, Any], rows: slice | list[int]) -> dict[str, Any]:
+    """The `rows` of a batch: per-rollout values (tensors with a batch dim, per-row lists) are indexed, scalars shared."""
+
+    def take(v):
+        if isinstance(v, list):
+            return v[rows] if isinstance(rows, slice) else [v[i] for i in rows]
+        if isinstance(v, torch.Tensor) and v.ndim > 0:
+            return v[rows]
+        return v
+
+    return {k: take(v) for k, v in batch.items()}
+
+
+def _valid_positions(hidden: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+    """Each rollout's hidden states at its valid positions only, as views of one packed tensor (no padding kept)."""
+    return list(torch.split(hidden[mask.bool()], mask.sum(dim=1).tolist()))
 
 
 def _concat_rows(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
@@ -266,6 +281,7 @@ class VAOPDTrainer(DistillationTrainer):
         self._teacher_module = self.accelerator.unwrap_model(self.teacher_model)
         self._teacher_head = OutputHead.of(self._teacher_module, self._vocab_size)
         self.model.add_model_tags([name.replace("_", "-") for name in args.method])
+        self._announced_paths: set[tuple[str, str | None]] = set()
 
     @staticmethod
     def _load_teacher(teacher_model, args: VAOPDConfig):
@@ -336,6 +352,22 @@ class VAOPDTrainer(DistillationTrainer):
             batch_size=prompts_per_batch // self.args.num_generations,
             seed=self.args.seed,
         )
+
+    def _prepare_inputs(self, generation_batch):
+        # As the base, with one change: the generation batch is shuffled by sibling group, not by rollout, so the
+        # siblings of a prompt stay together in a micro-batch and the student can run their shared prompt once. The
+        # gradient of the accumulated micro-batches does not depend on the order.
+        if not self.model.training:
+            return super()._prepare_inputs(generation_batch)
+        accumulation = self.args.gradient_accumulation_steps
+        if self._step % accumulation == 0 or self._buffered_inputs is None:
+            batch = split_pixel_values_by_grid(self._generate_and_score_completions(generation_batch))
+            groups = prefix_groups(batch)
+            order = torch.randperm(groups.num_groups).tolist()
+            rows = [i for g in order for i in (groups.index == g).nonzero().flatten().tolist()]
+            micro_batches = split_tensor_dict(_take_rows(batch, rows), accumulation)
+            self._buffered_inputs = [unsplit_pixel_values_by_grid(b) for b in micro_batches]
+        return self._buffered_inputs[self._step % accumulation]
 
     # ------------------------------------------------------------------ views
     def _prompt_inputs(
@@ -425,8 +457,22 @@ class VAOPDTrainer(DistillationTrainer):
             **{k: rows[k] for k in keys},
         }
 
-    def _hidden_states(self, model: torch.nn.Module, rows: dict[str, Any]) -> torch.Tensor:
-        """Last hidden states `(rows, completion_len, H)` of `model` aligned to the completion tokens of `rows`."""
+    def _hidden_states(self, model: torch.nn.Module, rows: dict[str, Any], role: str) -> torch.Tensor:
+        """Last hidden states `(rows, completion_len, H)` of `model` aligned to the completion tokens of `rows`.
+
+        Sibling rollouts that share a prompt run it once (`trl_vaopd.prefix_sharing`) where that is exact; elsewhere,
+        and with `prefix_sharing=False`, every rollout runs prompt and completion in full. Which path runs, and why,
+        is logged once per role ("teacher", "student").
+        """
+        reason = "prefix_sharing=False" if not self.args.prefix_sharing else None
+        if reason is None:
+            checkpointing = role == "student" and model.training and self.args.gradient_checkpointing
+            reason = prefix_sharing_support(model, gradient_checkpointing=checkpointing)
+        self._announce_path(role, reason)
+        if reason is None:
+            # Images per rollout, whether `rows` holds them merged or already split (a view's pixels)
+            rows = split_pixel_values_by_grid(unsplit_pixel_values_by_grid(rows))
+            return shared_prefix_hidden_states(model, rows, prefix_groups(rows))
         rows = unsplit_pixel_values_by_grid(rows)
         input_ids = torch.cat([rows["prompt_ids"], rows["completion_ids"]], dim=1)
         attention_mask = torch.cat([rows["prompt_mask"], rows["completion_mask"]], dim=1)
@@ -435,13 +481,22 @@ class VAOPDTrainer(DistillationTrainer):
             model, input_ids, attention_mask, rows["completion_ids"].size(1), **multimodal
         )
 
+    def _announce_path(self, role: str, reason: str | None) -> None:
+        if (role, reason) in self._announced_paths:
+            return
+        self._announced_paths.add((role, reason))
+        if reason is None:
+            logger.info(f"VAOPDTrainer: the {role} runs each sibling group's prompt once (prefix sharing).")
+        else:
+            logger.warning(f"VAOPDTrainer: the {role} runs every rollout's prompt in full: {reason}.")
+
     # ------------------------------------------------------------------ scoring
     def _teacher_hidden(self, rows: dict[str, Any]) -> torch.Tensor:
         """Teacher hidden states of `rows`, through the teacher's wrapper so that ZeRO-3 gathers its shards."""
         self.teacher_model.eval()
         with torch.no_grad():
             return self._forward_redirection(
-                self.teacher_model, self._teacher_module, self._hidden_states, self._teacher_module, rows
+                self.teacher_model, self._teacher_module, self._hidden_states, self._teacher_module, rows, "teacher"
             )
 
     @torch.no_grad()
@@ -454,7 +509,7 @@ class VAOPDTrainer(DistillationTrainer):
         logp, hidden, cf_logp, cf_hidden = [], [], [], []
         for start in range(0, n, rows_per_call):
             end = min(start + rows_per_call, n)
-            original = _slice_rows(batch, start, end)
+            original = _take_rows(batch, slice(start, end))
             tokens, mask = original["completion_ids"], original["completion_mask"]
             if not with_counterfactual:
                 hidden_o = self._teacher_hidden(original)
@@ -530,6 +585,10 @@ class VAOPDTrainer(DistillationTrainer):
         rows_per_call = max(1, micro_batch // 2) if both_views_per_call else micro_batch
         teacher_batch = self._teacher_batch(inputs, batch) if args.use_cues else batch
         scores = self._score_views(teacher_batch, rows_per_call)
+        if not args.vgs:
+            # Only VGS's student runs the counterfactual view: its inputs need not stay for the loss
+            for key in (_CF_PIXELS, _CF_PROMPT_IDS, _CF_PROMPT_MASK):
+                batch.pop(key, None)
         mask = batch["completion_mask"]
         va = visual_advantage(scores.logp, scores.cf_logp, mask) if scores.cf_logp is not None else None
 
@@ -561,7 +620,7 @@ class VAOPDTrainer(DistillationTrainer):
         if args.kl_estimator == "sampled_token":
             batch[_TEACHER_LOGP] = scores.logp
         else:
-            batch[_TEACHER_HIDDEN] = scores.hidden
+            batch[_TEACHER_HIDDEN] = _valid_positions(scores.hidden, mask)
         batch[_COEFFICIENTS] = coefficients.float()
         batch[_NUM_PROMPTS] = torch.tensor(float(all_groups.unique().numel()), device=mask.device)
         if va is not None:
@@ -595,7 +654,7 @@ class VAOPDTrainer(DistillationTrainer):
         valid = all_mask.bool()
         metrics["vgs/vds"].append(all_vds[valid].mean().item() if valid.any() else 0.0)
         metrics["vgs/lp_threshold"].append(valid_quantile(all_vds, all_mask, args.vgs_lp_quantile).item())
-        return {_TEACHER_CF_HIDDEN: scores.cf_hidden, _LP_MASK: lp, _GAMMA: gamma.float()}
+        return {_TEACHER_CF_HIDDEN: _valid_positions(scores.cf_hidden, mask), _LP_MASK: lp, _GAMMA: gamma.float()}
 
     def _log_pooled_share(self, mode: str, key: str, va: torch.Tensor, selected: torch.Tensor) -> None:
         """Share of the whole generation batch's VA mass on the `selected` tokens."""
@@ -616,7 +675,7 @@ class VAOPDTrainer(DistillationTrainer):
     def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
         args = self.args
         mask = inputs["completion_mask"]
-        student_hidden = self._hidden_states(unwrapped_student, inputs)
+        student_hidden = self._hidden_states(unwrapped_student, inputs, "student")
         student_head = OutputHead.of(unwrapped_student, self._vocab_size)
         # The optimiser sees the sum over accumulation steps and the mean over processes of these losses: scaling by
         # the process count makes that the gradient of L over the whole generation batch
@@ -624,12 +683,14 @@ class VAOPDTrainer(DistillationTrainer):
         if args.vgs:
             # pbar needs a gradient only for the language-prior term
             with nullcontext() if args.vgs_lambda > 0 else torch.no_grad():
-                student_cf_hidden = self._hidden_states(unwrapped_student, self._counterfactual_rows(inputs))
+                student_cf_hidden = self._hidden_states(
+                    unwrapped_student, self._counterfactual_rows(inputs), "student"
+                )
             standard, visual, language, entropy = vgs_divergences(
                 student_hidden,
                 student_cf_hidden,
-                inputs[_TEACHER_HIDDEN],
-                inputs[_TEACHER_CF_HIDDEN],
+                torch.cat(inputs[_TEACHER_HIDDEN]),
+                torch.cat(inputs[_TEACHER_CF_HIDDEN]),
                 student_head,
                 self._teacher_head,
                 mask,
@@ -654,7 +715,7 @@ class VAOPDTrainer(DistillationTrainer):
         else:
             standard, entropy = per_token_divergence(
                 student_hidden,
-                inputs[_TEACHER_HIDDEN],
+                torch.cat(inputs[_TEACHER_HIDDEN]),
                 student_head,
                 self._teacher_head,
                 mask,
