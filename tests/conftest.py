@@ -24,13 +24,19 @@ def question(index: int) -> str:
     return f"What number is shown in picture {index}?" + " Look closely." * (index % 3)
 
 
-def image_question_dataset(num_prompts: int = 8) -> Dataset:
-    return Dataset.from_list(
-        [
-            {"prompt": [{"role": "user", "content": question(i)}], "images": [noise_image(i)]}
-            for i in range(num_prompts)
-        ]
-    )
+def cue(index: int) -> str:
+    """ViCuR's cue of row `index`: a description of what its image shows."""
+    return f"a white {index} on noise"
+
+
+def image_question_dataset(num_prompts: int = 8, cues: bool = False) -> Dataset:
+    rows = [
+        {"prompt": [{"role": "user", "content": question(i)}], "images": [noise_image(i)]} for i in range(num_prompts)
+    ]
+    if cues:
+        for i, row in enumerate(rows):
+            row["cue"] = cue(i)
+    return Dataset.from_list(rows)
 
 
 def pad_output_head(model, rows: int, seed: int):

@@ -52,7 +52,6 @@ def run_one_step(processors, tmp_path, family="qwen3_vl", dataset=None, **overri
     processor = processors[family]
     student = build_model(family, processor, "student", seed=0)
     teacher = build_model(family, processor, "teacher", seed=1)
-    before = {n: p.detach().clone() for n, p in student.named_parameters()}
     teacher_passes, student_passes = Passes(teacher), Passes(student)
     trainer = VAOPDTrainer(
         model=student,
@@ -62,6 +61,8 @@ def run_one_step(processors, tmp_path, family="qwen3_vl", dataset=None, **overri
         processing_class=processor,
     )
     count_passes(trainer, teacher_passes, student_passes)
+    # Read once the trainer is built: it may add parameters (the cue-recovery module)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
     delta = {n: p.detach() - before[n] for n, p in trainer.model.named_parameters()}
     return trainer, delta, teacher_passes, student_passes

@@ -25,9 +25,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import noise_image, pad_output_head
+from conftest import cue, noise_image, pad_output_head
 from reference import Rollout, reference, rollout_key, rollouts_of
 
+from trl_vaopd.cue_recovery import add_cue_recovery
 from trl_vaopd.objective import visual_advantage
 from trl_vaopd.tiny_models import build_model, build_processor, build_tokenizer
 
@@ -98,6 +99,8 @@ def load_student(before: dict[str, torch.Tensor], processor, lora: bool, padded:
     student = build_model("qwen3_vl", processor, "student", seed=0)
     if padded:
         student = pad_output_head(student, 5, seed=2)
+    if any(".cue_recovery." in name for name in before):
+        student = add_cue_recovery(student, interval=5)
     if lora:
         from peft import LoraConfig, get_peft_model
 
@@ -132,7 +135,8 @@ def run_reference(result: dict, lora: bool = False) -> dict:
             scored["logp_original"][j], scored["logp_counterfactual"][j], scored["completion_mask"][j]
         )
         run_va[i, :n] = va[:n]
-    ref = reference(rows, student, teacher, processor, SimpleNamespace(**result["settings"]), va=run_va)
+    cues = {i: cue(i) for i in range(16)} if result["cues"] else None
+    ref = reference(rows, student, teacher, processor, SimpleNamespace(**result["settings"]), cues, va=run_va)
     ref["loss"].backward()
     ref["loss"] = ref["loss"].item()
     ref["grads"] = {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in student.named_parameters()}
@@ -256,6 +260,24 @@ def test_zero3_step_with_padded_heads_equals_the_objective_over_the_tokenizer(tm
     assert_update_is_minus_gradient(result, ref, lr=1.0)
     head = ref["grads"]["lm_head.weight"]
     assert head[:-5].abs().sum() > 0 and not head[-5:].any()
+
+
+@pytest.mark.parametrize("config", [None, "deepspeed_zero3.yaml"], ids=["ddp", "zero3"])
+def test_vicur_with_va_opd_and_vgs_equals_its_objective_in_two_processes(tmp_path, config):
+    # The cue teacher in every view, the student's cue-recovery module (trained from its identity start), VA-OPD's
+    # coefficients and VGS's terms, siblings split across ranks, student and teacher sharded under ZeRO-3
+    result = launch_run(
+        tmp_path, "--per_device", "2", "--accumulation", "3", "--method", "va_opd", "vgs", "vicur",
+        "--cues", "--cue_recovery", "--view", "drop", config=config,
+    )  # fmt: skip
+    ref = run_reference(result)
+    assert_batch_is_complete_sibling_groups(ref["rows"], split_across_ranks=True)
+    assert_va_matches(result, ref)
+    assert_per_token_values_match(result, ref)
+    assert result["log_history"][0]["loss"] == pytest.approx(ref["loss"], rel=1e-4)
+    assert_update_is_minus_gradient(result, ref, lr=1.0)
+    module = [n for n in result["before"] if ".cue_recovery." in n]
+    assert module and any(not torch.equal(result["before"][n], result["after"][n]) for n in module)
 
 
 @pytest.fixture(scope="module")

@@ -186,6 +186,7 @@ def test_lora_student_trains_adapter_only_and_reloads(processors, tmp_path, fami
         {"method": "va_opd"},
         {"method": ["va_opd", "vgs"], "counterfactual_view": "drop"},
         {"method": "opd", "va_token_mask": "random"},
+        {"method": ["va_opd", "vicur"]},  # the cue teacher and the student's cue-recovery module
     ],
 )
 def test_resuming_from_a_checkpoint_is_exact(processors, tmp_path, settings):
@@ -207,7 +208,7 @@ def test_resuming_from_a_checkpoint_is_exact(processors, tmp_path, settings):
             model=build_model("qwen3_vl", processor, "student"),
             teacher_model=build_model("qwen3_vl", processor, "teacher", seed=1),
             args=args,
-            train_dataset=image_question_dataset(8),
+            train_dataset=image_question_dataset(8, cues=True),
             processing_class=processor,
         )
 

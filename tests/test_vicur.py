@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from conftest import image_question_dataset, make_args
+from conftest import cue, image_question_dataset, make_args
 from steps import cat, check_step_against_reference, run_one_step
 
 from trl_vaopd import VAOPDConfig, VAOPDTrainer
@@ -13,11 +13,11 @@ from trl_vaopd.privileged import with_cue
 from trl_vaopd.tiny_models import build_model
 
 
-CUES = {i: f"a white {i} on noise" for i in range(8)}
+CUES = {i: cue(i) for i in range(8)}
 
 
 def cue_dataset(n: int = 8):
-    return image_question_dataset(n).add_column("cue", [CUES[i] for i in range(n)])
+    return image_question_dataset(n, cues=True)
 
 
 def test_with_cue_appends_the_hint_to_the_last_user_turn():
@@ -99,12 +99,14 @@ def test_a_teacher_prompt_equal_to_the_student_prompt_reproduces_the_unprivilege
 def test_cue_step_is_minus_gradient_of_the_objective_with_the_privileged_teacher(
     processors, tmp_path, method, view, per_device, accumulation
 ):
+    # The cue-recovery module starts as the identity (its W_o is zero), so the student's other parameters move as
+    # the reference's, which has none; the last case runs with it
     _, ref, teacher, student = check_step_against_reference(
         processors,
         tmp_path,
         cues=CUES,
         method=method,
-        cue_recovery=False,  # the module has tests of its own
+        cue_recovery=per_device == 4,
         counterfactual_view=view,
         per_device_train_batch_size=per_device,
         gradient_accumulation_steps=accumulation,
@@ -209,3 +211,102 @@ def test_vicur_presets_the_cue_teacher_and_the_module(tmp_path):
         output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=4, method=["va_opd", "vicur"]
     )
     assert composed.use_cues and composed.rollout_weighting and composed.token_grouping
+
+
+# ------------------------------------------------------------------------------------------- the cue-recovery module
+def module_parameters(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if ".cue_recovery." in n}
+
+
+def test_the_module_trains_with_the_student_and_is_saved_with_it(processors, tmp_path):
+    from trl_vaopd.cue_recovery import has_cue_recovery, load_with_cue_recovery
+
+    trainer = _trainer(
+        processors, tmp_path, cue_dataset(), method="vicur", max_steps=2, learning_rate=1e-2, optim="adamw_torch"
+    )
+    assert has_cue_recovery(trainer.model) and not has_cue_recovery(trainer.teacher_model)
+    before = module_parameters(trainer.model)
+    assert before and all("o_proj" not in n or not p.any() for n, p in before.items())  # W_o starts at zero
+    trainer.train()
+    after = module_parameters(trainer.model)
+    assert all(
+        not torch.equal(after[n], before[n]) for n in before if not n.endswith(("norm_q.weight", "norm_kv.weight"))
+    )
+    trainer.save_model(str(tmp_path / "student"))
+    loaded = load_with_cue_recovery(tmp_path / "student")
+    batch = trainer._buffered_inputs[0]
+    inputs = {
+        "input_ids": torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1),
+        "attention_mask": torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1),
+        "pixel_values": batch["pixel_values"],
+        "image_grid_thw": batch["image_grid_thw"],
+        "mm_token_type_ids": batch["mm_token_type_ids"],
+    }
+    trainer.model.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).logits, trainer.model(**inputs).logits)
+
+
+def test_the_module_trains_next_to_a_lora_adapter_and_reloads_with_it(processors, tmp_path):
+    from peft import LoraConfig, PeftModel
+
+    from trl_vaopd.cue_recovery import add_cue_recovery
+
+    processor = processors["qwen3_vl"]
+    trainer = VAOPDTrainer(
+        model=build_model("qwen3_vl", processor, "student"),
+        teacher_model=build_model("qwen3_vl", processor, "teacher", seed=1),
+        args=make_args(tmp_path, method="vicur", max_steps=2, learning_rate=1e-2),
+        train_dataset=cue_dataset(),
+        processing_class=processor,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    changed = {n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])}
+    assert any("lora_" in n for n in changed) and any(".cue_recovery." in n for n in changed)
+    assert all("lora_" in n or ".cue_recovery." in n for n in changed)  # nothing else moved
+    trainer.save_model(str(tmp_path / "adapter"))
+    base = add_cue_recovery(build_model("qwen3_vl", processor, "student"), interval=5)
+    reloaded = PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
+    ids = trainer._buffered_inputs[0]
+    inputs = {
+        "input_ids": torch.cat([ids["prompt_ids"], ids["completion_ids"]], dim=1),
+        "attention_mask": torch.cat([ids["prompt_mask"], ids["completion_mask"]], dim=1),
+        "pixel_values": ids["pixel_values"],
+        "image_grid_thw": ids["image_grid_thw"],
+        "mm_token_type_ids": ids["mm_token_type_ids"],
+    }
+    trainer.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, trainer.model(**inputs).logits)
+
+
+def test_the_update_with_the_module_does_not_depend_on_the_split(processors, tmp_path):
+    settings = dict(method=["va_opd", "vgs", "vicur"], counterfactual_view="drop", learning_rate=1e-2)
+    _, whole, _, _ = run_one_step(processors, tmp_path / "a", dataset=cue_dataset(), **settings)
+    _, split, _, _ = run_one_step(
+        processors,
+        tmp_path / "b",
+        dataset=cue_dataset(),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=4,
+        **settings,
+    )
+    assert any(d.abs().max() > 0 for n, d in whole.items() if ".cue_recovery." in n)
+    for name, delta in whole.items():
+        torch.testing.assert_close(split[name], delta, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_a_student_module_at_another_interval_is_refused(processors, tmp_path):
+    from trl_vaopd.cue_recovery import add_cue_recovery
+
+    processor = processors["qwen3_vl"]
+    with pytest.raises(ValueError, match="already carries a cue-recovery module every 1 layers"):
+        VAOPDTrainer(
+            model=add_cue_recovery(build_model("qwen3_vl", processor, "student"), interval=1),
+            teacher_model=build_model("qwen3_vl", processor, "teacher", seed=1),
+            args=make_args(tmp_path, method="vicur"),
+            train_dataset=cue_dataset(),
+            processing_class=processor,
+        )

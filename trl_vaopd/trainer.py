@@ -24,6 +24,9 @@ import numpy as np
 import torch
 from accelerate.logging import get_logger
 from datasets import IterableDataset
+from peft import PeftModel
+from peft.tuners.tuners_utils import BaseTuner
+from peft.utils.other import set_additional_trainable_modules
 from PIL import Image
 from trl import DistillationTrainer
 from trl.data_utils import prepare_multimodal_messages
@@ -39,6 +42,7 @@ from trl.trainer.utils import (
 
 from .chunked import OutputHead, per_token_divergence, token_logprobs, vgs_divergences
 from .config import VAOPDConfig
+from .cue_recovery import add_cue_recovery, cue_recovery_modules_to_save, has_cue_recovery
 from .dataset_formats import row_images, validate_vaopd_dataset
 from .objective import (
     adaptive_gamma,
@@ -282,6 +286,37 @@ class VAOPDTrainer(DistillationTrainer):
         self._teacher_head = OutputHead.of(self._teacher_module, self._vocab_size)
         self.model.add_model_tags([name.replace("_", "-") for name in args.method])
         self._announced_paths: set[tuple[str, str | None]] = set()
+        if args.cue_recovery or has_cue_recovery(self.model):
+            self._attach_cue_recovery()
+
+    def _attach_cue_recovery(self) -> None:
+        """Give the student ViCuR's cue-recovery module (kept if it has one), trainable next to a PEFT adapter too.
+
+        Attached after the base has loaded (and possibly wrapped) the student, so a student given by name gets it
+        as well; the optimizer, DDP and DeepSpeed are set up later, in `train()`, and include it.
+        """
+        args, model = self.args, self.model
+        base = model.get_base_model() if isinstance(model, PeftModel) else model
+        if has_cue_recovery(base):
+            interval = base.config.cue_recovery["interval"]
+            if interval != args.cue_recovery_interval:
+                raise ValueError(
+                    f"The student already carries a cue-recovery module every {interval} layers, but "
+                    f"VAOPDConfig.cue_recovery_interval={args.cue_recovery_interval}. Set cue_recovery_interval="
+                    f"{interval}, or pass the student without the module."
+                )
+        if args.use_vllm:
+            raise ValueError(
+                "The student carries a cue-recovery module, which vLLM would not run: its rollouts would be "
+                "off-policy. Set use_vllm=False."
+            )
+        add_cue_recovery(base, args.cue_recovery_interval)
+        if isinstance(model, PeftModel):
+            # The adapter's `modules_to_save` keeps the module trainable and saves it with the adapter
+            adapter = model.active_adapter
+            config = model.peft_config[adapter]
+            config.modules_to_save = [*(config.modules_to_save or []), *cue_recovery_modules_to_save(base)]
+            set_additional_trainable_modules(model.base_model, config, BaseTuner.get_model_config(model), adapter)
 
     @staticmethod
     def _load_teacher(teacher_model, args: VAOPDConfig):

@@ -3,9 +3,9 @@
 Every process builds the same tiny Qwen3-VL student (seed 0) and teacher (seed 1) and the same noise-image prompts
 (`conftest.image_question_dataset`), trains, and the main process writes, with `torch.save`, to `--out`:
 
-- `ranks`: per process, in process order, the generation batch exactly as the teacher scored it (`scored`: the inputs
-  of `VAOPDTrainer._score_views` and the per-token teacher log-probabilities of both views it returned, in sampling
-  order) and the micro-batches the loss consumed (`micro_batches`: `trainer._buffered_inputs`, with the
+- `ranks`: per process, in process order, the generation batch as scored (`scored`: the rollouts in sampling order,
+  the student's prompts, and the per-token teacher log-probabilities of both views `VAOPDTrainer._score_views`
+  returned) and the micro-batches the loss consumed (`micro_batches`: `trainer._buffered_inputs`, with the
   `vaopd_coefficients` and, for VGS, the `vgs_lp_mask` and `vgs_gamma`);
 - `settings`: the objective's settings (method switches and hyperparameters), for the reference;
 - `log_history`, `before` / `after` (full student parameters, gathered under ZeRO-3), `trainable` (names),
@@ -107,6 +107,9 @@ def main() -> None:
     parser.add_argument("--view", default="pixelate")
     # Output heads padded beyond the tokenizer to different sizes (student +5 rows, teacher +11)
     parser.add_argument("--pad_heads", action="store_true")
+    # ViCuR: a cue column (`conftest.cue`) for the teacher, and the student's cue-recovery module
+    parser.add_argument("--cues", action="store_true")
+    parser.add_argument("--cue_recovery", action="store_true")
     # A random tiny model almost never samples EOS; a logit bias gives completions of varied lengths (and masks)
     parser.add_argument("--eos_bias", type=float, default=3.0)
     cli = parser.parse_args()
@@ -139,6 +142,8 @@ def main() -> None:
         generation_kwargs={"sequence_bias": [[[processor.tokenizer.eos_token_id], cli.eos_bias]]},
         method=cli.method,
         counterfactual_view=cli.view,
+        use_cues=cli.cues,
+        cue_recovery=cli.cue_recovery,
     )
     peft_config = None
     if cli.lora:
@@ -149,27 +154,29 @@ def main() -> None:
         model=student,
         teacher_model=teacher,
         args=args,
-        train_dataset=image_question_dataset(cli.num_prompts),
+        train_dataset=image_question_dataset(cli.num_prompts, cues=cli.cues),
         processing_class=processor,
         peft_config=peft_config,
     )
 
-    # Spy on the teacher scoring: its inputs (the generation batch in sampling order) and both views' log-probs
-    scored = []
-    score_views = trainer._score_views
+    # Spy on the scoring: the generation batch in sampling order (the student's prompts and completions) and the
+    # teacher's log-probs of both views (under its own prompt, with the cue when there is one)
+    scored, logps = [], []
+    score_views, generate_and_score = trainer._score_views, trainer._generate_and_score_completions
 
     def recording_score_views(batch, rows_per_call):
         scores = score_views(batch, rows_per_call)
-        scored.append(
-            {
-                **to_cpu(batch),
-                "logp_original": scores.logp.detach().cpu().clone(),
-                "logp_counterfactual": scores.cf_logp.detach().cpu().clone(),
-            }
-        )
+        logps.append((scores.logp.detach().cpu().clone(), scores.cf_logp.detach().cpu().clone()))
         return scores
 
+    def recording_generate_and_score(inputs):
+        batch = generate_and_score(inputs)
+        logp_original, logp_counterfactual = logps.pop()
+        scored.append({**to_cpu(batch), "logp_original": logp_original, "logp_counterfactual": logp_counterfactual})
+        return batch
+
     trainer._score_views = recording_score_views
+    trainer._generate_and_score_completions = recording_generate_and_score
 
     before = snapshot(trainer.model)
     trainer.train()
@@ -200,6 +207,7 @@ def main() -> None:
                 },
                 "settings": {name: getattr(args, name) for name in _OBJECTIVE_SETTINGS},
                 "pad_heads": cli.pad_heads,
+                "cues": cli.cues,
                 "world_size": trainer.accelerator.num_processes,
                 "distributed_type": str(trainer.accelerator.distributed_type),
             },
