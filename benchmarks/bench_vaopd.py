@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Cost of VA-OPD and VGS next to standard on-policy distillation (OPD), measured on identical models, data and lengths.
 
-Five trainers run on the same student/teacher weights, the same prompts and images, the same number of rollouts per
+Six trainers run on the same student/teacher weights, the same prompts and images, the same number of rollouts per
 optimizer step and exactly the same completion length (EOS and every special token are suppressed and
 `min_new_tokens = max_completion_length`):
 
@@ -9,7 +9,9 @@ optimizer step and exactly the same completion length (EOS and every special tok
 * `vaopd_off` `VAOPDTrainer` with `method="opd"` (standard OPD objective, one teacher pass per rollout);
 * `vaopd`     `VAOPDTrainer` with `method="va_opd"` (VA-OPD, pixelate view);
 * `vgs`       `VAOPDTrainer` with `method="vgs"` and the text-only "drop" view, as the VGS paper runs it;
-* `vaopd_vgs` `VAOPDTrainer` with `method=["va_opd", "vgs"]` (pixelate view, which gives both VA and pbar/qbar).
+* `vaopd_vgs` `VAOPDTrainer` with `method=["va_opd", "vgs"]` (pixelate view, which gives both VA and pbar/qbar);
+* `vicur`     `VAOPDTrainer` with `method="vicur"`: the teacher reads a one-sentence cue, the student carries the
+              cue-recovery module (one block after layers 0 of its 4: interval 5).
 
 Every `VAOPDTrainer` run shares each sibling group's prompt (image included) in its teacher and student passes
 (`prefix_sharing=True`, the default). The `sharing` sweep compares TRL OPD, VA-OPD and VA-OPD without sharing
@@ -78,7 +80,7 @@ from trl_vaopd import VAOPDConfig, VAOPDTrainer  # noqa: E402
 from trl_vaopd.tiny_models import build_processor, build_tokenizer  # noqa: E402
 
 
-TRAINERS = ("trl_opd", "vaopd_off", "vaopd", "vgs", "vaopd_vgs")
+TRAINERS = ("trl_opd", "vaopd_off", "vaopd", "vgs", "vaopd_vgs", "vicur")
 PAIR = ("trl_opd", "vaopd")
 # The trainers whose teacher and student passes are counted over several micro-batch x accumulation layouts
 LAYOUT_TRAINERS = ("trl_opd", "vaopd", "vaopd_vgs")
@@ -89,6 +91,7 @@ SETTINGS = {
     "vgs": {"method": "vgs", "counterfactual_view": "drop"},
     "vaopd_vgs": {"method": ["va_opd", "vgs"]},
     "vaopd_unshared": {"method": "va_opd", "prefix_sharing": False},
+    "vicur": {"method": "vicur"},
 }
 # Prompt shapes of the sharing sweep: (image side in pixels, completion tokens). A 320-pixel image is 100 visual
 # tokens of the tiny Qwen3-VL (10 x 10 merged 32-pixel patches), a 64-pixel one 4; the question adds about 25
@@ -106,8 +109,12 @@ DESIGN_PHASES = (
 )
 # Expected teacher and student (training) forwards per rollout: VA-OPD adds the teacher's counterfactual view, VGS also
 # the student's (README, "Methods and what they cost")
-EXPECTED_TEACHER_FORWARDS = {"trl_opd": 1, "vaopd_off": 1, "vaopd": 2, "vgs": 2, "vaopd_vgs": 2, "vaopd_unshared": 2}
-EXPECTED_STUDENT_FORWARDS = {"trl_opd": 1, "vaopd_off": 1, "vaopd": 1, "vgs": 2, "vaopd_vgs": 2, "vaopd_unshared": 1}
+EXPECTED_TEACHER_FORWARDS = {
+    "trl_opd": 1, "vaopd_off": 1, "vaopd": 2, "vgs": 2, "vaopd_vgs": 2, "vaopd_unshared": 2, "vicur": 1,
+}  # fmt: skip
+EXPECTED_STUDENT_FORWARDS = {
+    "trl_opd": 1, "vaopd_off": 1, "vaopd": 1, "vgs": 2, "vaopd_vgs": 2, "vaopd_unshared": 1, "vicur": 1,
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -154,6 +161,8 @@ def _dataset(spec: RunSpec) -> Dataset:
         {
             "prompt": [{"role": "user", "content": f"What number is shown in picture {i}? Answer with a number."}],
             "images": [_noise_image(i, spec.image_size)],
+            # ViCuR's cue: what the teacher reads besides the question (ignored by the other trainers)
+            "cue": f"The picture shows the number {i} in white on coloured noise.",
         }
         for i in range(num_prompts)
     ]
@@ -991,7 +1000,7 @@ def main(argv=None) -> int:
         if ok is False:
             print(f"target missed: {name}")
     # The headline ratios, last, one per line (VA-OPD's the very last)
-    for trainer in ("vgs", "vaopd_vgs"):
+    for trainer in ("vgs", "vaopd_vgs", "vicur"):
         ratios = analysis["method_ratios"][trainer]
         print(f"step_time_ratio {trainer}/opd = {ratios['step_time_ratio']:.2f}")
         print(f"peak_memory_ratio {trainer}/opd = {ratios['peak_memory_ratio']:.2f}")

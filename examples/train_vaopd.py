@@ -37,7 +37,11 @@ it, or VA-OPD and VGS together:
 ```bash
 python examples/train_vaopd.py --tiny --method vgs --counterfactual_view drop
 python examples/train_vaopd.py --config examples/recipes/qwen3_vl_8b_to_2b_geometry3k.yaml --method va_opd vgs
+python examples/train_vaopd.py --tiny --method va_opd vicur   # the teacher reads each row's cue
 ```
+
+ViCuR needs a `cue` column: `examples/write_cues.py` writes one with any VLM, and
+`examples/recipes/qwen3_vl_2b_vicur_geometry3k.yaml` is the paper's self-distillation recipe.
 
 Any recipe value can be overridden on the command line, e.g. one GPU with LoRA, or QLoRA (4-bit student, the
 teacher stays unquantized):
@@ -185,7 +189,8 @@ def parse_args(argv: list[str]) -> tuple[ScriptArguments, VAOPDConfig, ModelConf
 
 
 def tiny_dataset(num_prompts: int, seed: int = 0):
-    """Image-question prompts: a noise image with a number drawn on it ("What number is shown in the picture?")."""
+    """Image-question prompts: a noise image with a number drawn on it ("What number is shown in the picture?"), with a
+    cue for ViCuR's teacher."""
     import numpy as np
     from datasets import Dataset
     from PIL import Image, ImageDraw
@@ -201,6 +206,8 @@ def tiny_dataset(num_prompts: int, seed: int = 0):
                 "prompt": [{"role": "user", "content": "What number is shown in the picture?"}],
                 "images": [image],
                 "answer": str(number),
+                # For ViCuR (`--method vicur`): what the image shows, without the answer
+                "cue": "A number is written in white in the upper left part of a square of coloured noise.",
             }
         )
     return Dataset.from_list(rows)

@@ -353,6 +353,7 @@ def test_example_tiny_flag_runs_the_builtin_tiny_run(tmp_path):
         ("deepspeed_zero3.yaml", ["va_opd"]),
         ("multi_gpu.yaml", ["vgs"]),
         ("deepspeed_zero3.yaml", ["vgs"]),
+        ("python", ["va_opd", "vicur"]),  # the tiny rows carry a cue; the student gets the cue-recovery module
     ],
 )
 def test_example_with_tiny_recipe(tmp_path, launcher, method):
@@ -395,6 +396,55 @@ def test_paper_recipe_parses_to_the_published_settings():
     )  # fmt: skip
     assert {k: getattr(args, k) for k in expected} == expected
     assert args.optim == "adamw_torch" and model_args.dtype == "bfloat16"
+
+
+def test_vicur_recipe_parses_to_the_papers_settings():
+    example = load_example()
+    script_args, args, model_args = example.parse_args(
+        ["--config", str(REPO / "examples/recipes/qwen3_vl_2b_vicur_geometry3k.yaml"), "--bf16", "false", "--use_cpu"]
+    )
+    # Self-distillation: the teacher is the student's initial weights; 1 rollout per prompt, 128 per step on 8 GPUs
+    assert model_args.model_name_or_path == args.teacher_model_name_or_path == "Qwen/Qwen3-VL-2B-Instruct"
+    assert args.method == ["vicur"] and args.use_cues and args.cue_recovery and args.cue_column == "cue"
+    assert args.num_generations == 1 and args.per_device_train_batch_size * 8 == 128
+    assert (args.learning_rate, args.num_train_epochs, args.max_completion_length) == (1e-6, 5, 4096)
+    assert script_args.dataset_name == "data/geometry3k_cues.parquet"
+
+
+def test_write_cues_script_writes_a_column_train_vaopd_reads(tmp_path):
+    # The cue writer on a local Geometry3K-style file with a tiny model, then a ViCuR step on what it wrote
+    import importlib.util
+
+    from datasets import Dataset
+
+    from trl_vaopd.tiny_models import save_tiny_vlm
+
+    model = save_tiny_vlm(tmp_path / "writer", size="teacher", seed=1)
+    data = tmp_path / "geometry3k_train.parquet"
+    rows = [
+        {"images": [noise_image(i)], "problem": f"<image>Find x in figure {i}.", "answer": str(i)} for i in range(8)
+    ]
+    Dataset.from_list(rows).to_parquet(str(data))
+    spec = importlib.util.spec_from_file_location("write_cues", REPO / "examples" / "write_cues.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    output = tmp_path / "with_cues.parquet"
+    script.main(
+        script.parse_args(
+            ["--dataset_name", str(data), "--cue_model", model, "--output", str(output), "--max_new_tokens", "4"]
+        )
+    )
+    assert (tmp_path / "with_cues.parquet.progress.jsonl").is_file()
+    example = load_example()
+    student = save_tiny_vlm(tmp_path / "student", size="student", seed=0)
+    argv = ["--config", str(TINY_RECIPE), "--tiny", "false", "--output_dir", str(tmp_path / "out"), "--max_steps", "1"]
+    argv += ["--model_name_or_path", student, "--teacher_model_name_or_path", model, "--dataset_name", str(output)]
+    trainer = example.main(*example.parse_args([*argv, "--method", "vicur"]))
+    assert len(trainer.train_dataset["cue"]) == 8 and all(trainer.train_dataset["cue"])
+    assert torch.isfinite(torch.tensor(trainer.state.log_history[0]["loss"]))
+    from trl_vaopd.cue_recovery import has_cue_recovery, load_with_cue_recovery
+
+    assert has_cue_recovery(load_with_cue_recovery(tmp_path / "out"))  # saved with the student
 
 
 def test_example_loads_models_and_dataset_by_path(tmp_path):
