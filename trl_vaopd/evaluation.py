@@ -9,35 +9,41 @@ accuracy is averaged over all samples. This module provides the pieces for that 
 - [`avg_at_k`] runs the avg@k / pass@k evaluation on top of any generation callable, and
 - [`make_hf_generate`] builds such a callable around `transformers` `model.generate`.
 
-Numeric answers are compared through a small, self-contained LaTeX-to-SymPy converter instead of
-`sympy.parsing.latex.parse_latex` (which needs the optional ANTLR runtime) or `eval` (unsafe on model output).
+Mathematical equivalence is decided by `math-verify`, the library TRL's own `accuracy_reward` uses (LaTeX and plain
+expressions parsed to SymPy, compared numerically and symbolically). This module adds what it does not cover: answer
+extraction from free-form reasoning ("the answer is ...", multiple-choice letters, the last number, under a first- or
+last-answer policy), units and degree marks, and choice letters.
 """
 
 from __future__ import annotations
 
-import math
+import logging
 import re
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import islice
-from typing import Any
+from typing import Any, Literal
 
-import sympy
+from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
 
 __all__ = [
+    "ANSWER_POLICIES",
     "accuracy_reward",
     "answers_match",
     "avg_at_k",
     "extract_answer",
+    "first_boxed_content",
     "last_boxed_content",
     "make_hf_generate",
     "normalize_answer",
     "tokenize_conversations",
 ]
 
-# Relative tolerance for numeric agreement: loose enough for `2\sqrt{3}` vs `3.4641016`, tight enough that a
-# two-decimal rounding of an irrational answer (e.g. 3.46) does not count as correct.
-NUMERIC_RELATIVE_TOLERANCE = 1e-4
+#: Which committed answer of a response counts: the last one (a model correcting itself), or the first one (the
+#: protocol of the VA-OPD reference evaluation: the first `\boxed{}` or "Answer:" in output order)
+ANSWER_POLICIES = ("last", "first")
+AnswerPolicy = Literal["last", "first"]
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Answer extraction
@@ -45,7 +51,9 @@ NUMERIC_RELATIVE_TOLERANCE = 1e-4
 
 _BOXED_COMMAND = re.compile(r"\\(?:boxed|fbox)\b")
 
-_ANSWER_PHRASE = re.compile(r"\banswer\s*(?:is\s*:?|:)\s*(.+)", re.IGNORECASE)
+# The phrase only: what follows it is read up to the end of its line and sentence, so that a later phrase on the same
+# line ("The answer is 7. The answer is 9.") is found too
+_ANSWER_PHRASE = re.compile(r"\banswer\s*(?:is\s*:?|:)\s*", re.IGNORECASE)
 # A period ends the answer sentence only when followed by whitespace or the end, so decimals such as 3.5 survive.
 _SENTENCE_END = re.compile(r"\.(?=\s|$)")
 
@@ -60,7 +68,7 @@ _CHOICE_PATTERNS = (
 _PLAIN_NUMBER = r"(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+"
 # One level of nested braces covers `\frac{\sqrt{3}}{2}`; deeper nesting in a bare (unboxed) answer is rare.
 _BRACED = r"\{(?:[^{}]|\{[^{}]*\})*\}"
-_LAST_NUMBER = re.compile(
+_NUMBER = re.compile(
     # Not glued to a word or a decimal point, and not an exponent such as the 2 of "units^2" or "m^{2}".
     r"(?<![\w.\\^])(?<!\^\{)-?(?:"
     rf"\\[dt]?frac{_BRACED}{_BRACED}"  # \frac{3}{4}, \dfrac{\sqrt{3}}{2}
@@ -70,76 +78,91 @@ _LAST_NUMBER = re.compile(
 )
 
 
-def last_boxed_content(text: str) -> str | None:
-    r"""Return the content of the last `\boxed{...}` (or `\fbox{...}`) in `text`, or `None` if there is none.
-
-    Braces are matched with a counter rather than a regex so nested groups such as `\boxed{\frac{1}{2}}` are kept
-    whole. "Last" means the box that closes last, so a box nested in another yields the outer one. The brace-less
-    form `\boxed 5` is accepted too. An unterminated box (a truncated generation) is ignored.
-    """
-    last_end, last_content = -1, None
+def _boxed_spans(text: str) -> list[tuple[int, int, str]]:
+    """`(start, end, content)` of every complete `\boxed{...}` / `\fbox{...}` (braces matched with a counter, so
+    nested groups such as `\boxed{\frac{1}{2}}` stay whole; the brace-less `\boxed 5` too; an unterminated box, a
+    truncated generation, is left out)."""
+    spans = []
     for command in _BOXED_COMMAND.finditer(text):
         start = command.end()
         while start < len(text) and text[start].isspace():
             start += 1
         if start >= len(text):
             continue
-        end, content = -1, None
         if text[start] != "{":
             argument = re.match(r"[^\s$]+", text[start:])
             if argument:
-                end, content = start + argument.end(), argument.group()
-        else:
-            depth = 0
-            for position in range(start, len(text)):
-                if text[position] == "{":
-                    depth += 1
-                elif text[position] == "}":
-                    depth -= 1
-                    if depth == 0:
-                        end, content = position, text[start + 1 : position]
-                        break
-        if content is not None and end > last_end:
-            last_end, last_content = end, content
-    return last_content
+                spans.append((command.start(), start + argument.end(), argument.group()))
+            continue
+        depth = 0
+        for position in range(start, len(text)):
+            if text[position] == "{":
+                depth += 1
+            elif text[position] == "}":
+                depth -= 1
+                if depth == 0:
+                    spans.append((command.start(), position, text[start + 1 : position]))
+                    break
+    return spans
 
 
-def _answer_after_phrase(text: str) -> str | None:
+def last_boxed_content(text: str) -> str | None:
+    r"""Return the content of the last `\boxed{...}` (or `\fbox{...}`) in `text`, or `None` if there is none.
+
+    "Last" means the box that closes last, so a box nested in another yields the outer one. The brace-less form
+    `\boxed 5` is accepted too. An unterminated box (a truncated generation) is ignored.
+    """
+    spans = _boxed_spans(text)
+    return max(spans, key=lambda span: span[1])[2] if spans else None
+
+
+def first_boxed_content(text: str) -> str | None:
+    r"""Return the content of the first `\boxed{...}` (or `\fbox{...}`) in output order, or `None`."""
+    spans = _boxed_spans(text)
+    return min(spans)[2] if spans else None
+
+
+def _answer_after_phrase(text: str, policy: AnswerPolicy = "last") -> tuple[int, str] | None:
+    """`(position, answer)` of the last (or first) "the answer is" / "Answer:", up to the end of its sentence."""
     matches = list(_ANSWER_PHRASE.finditer(text))
     if not matches:
         return None
-    candidate = matches[-1].group(1)
+    match = matches[-1] if policy == "last" else matches[0]
+    candidate = text[match.end() :].split("\n", 1)[0]
     sentence_end = _SENTENCE_END.search(candidate)
     if sentence_end:
         candidate = candidate[: sentence_end.start()]
     # Markdown emphasis ("**12**") is decoration, not part of the answer.
     candidate = candidate.strip().strip("*").strip()
-    return candidate or None
+    return (match.start(), candidate) if candidate else None
 
 
-def _last_choice_letter(text: str) -> str | None:
-    best_position, best_letter = -1, None
-    for pattern in _CHOICE_PATTERNS:
-        for match in pattern.finditer(text):
-            if match.start("letter") > best_position:
-                best_position, best_letter = match.start("letter"), match.group("letter")
-    return best_letter
+def _choice_letter_in(text: str, policy: AnswerPolicy = "last") -> str | None:
+    found = [(m.start("letter"), m.group("letter")) for pattern in _CHOICE_PATTERNS for m in pattern.finditer(text)]
+    if not found:
+        return None
+    return (max(found) if policy == "last" else min(found))[1]
 
 
-def extract_answer(text: str) -> str | None:
+def extract_answer(text: str, policy: AnswerPolicy = "last") -> str | None:
     r"""Extract the final answer from a model response.
 
     Strategies are tried in order of how explicitly the model marked its answer:
 
-    1. the last `\boxed{...}` / `\fbox{...}` (nested braces allowed);
-    2. the text after the last "the answer is" / "Answer:" (case-insensitive), up to the end of that sentence;
-    3. a multiple-choice letter written as "(B)", "option B" / "choice B", or alone on a line ("B." / "B");
-    4. the last number, which may be signed, decimal, use thousands separators, or be a fraction (`3/4`,
-       `\frac{3}{4}`, `\dfrac{3}{4}`), a radical (`2\sqrt{3}`) or a multiple of `\pi`. Trailing units such as
-       "cm", "degrees" or "°" are left out.
+    1. a `\boxed{...}` / `\fbox{...}` (nested braces allowed), or the text after "the answer is" / "Answer:"
+       (case-insensitive, up to the end of that sentence): with `policy="last"` the last box, else the last phrase;
+       with `policy="first"` whichever of the two comes first in the response;
+    2. a multiple-choice letter written as "(B)", "option B" / "choice B", or alone on a line ("B." / "B");
+    3. a number, which may be signed, decimal, use thousands separators, or be a fraction (`3/4`, `\frac{3}{4}`,
+       `\dfrac{3}{4}`), a radical (`2\sqrt{3}`) or a multiple of `\pi`. Trailing units such as "cm", "degrees" or
+       "°" are left out.
+
+    Steps 2 and 3 take the last (or, with `policy="first"`, the first) occurrence.
 
     Args:
         text: The model response.
+        policy: `"last"` (the last committed answer, a model correcting itself) or `"first"` (the first committed
+            answer in output order, the protocol of the VA-OPD reference evaluation).
 
     Returns:
         The answer as written by the model (not normalised), or `None` when no answer can be found.
@@ -150,20 +173,31 @@ def extract_answer(text: str) -> str | None:
         '\\frac{1}{2}'
         >>> extract_answer("The answer is 12 cm.")
         '12 cm'
+        >>> extract_answer(r"Answer: 3. Checking again, \boxed{4}", policy="first")
+        '3'
         ```
     """
+    if policy not in ANSWER_POLICIES:
+        raise ValueError(f"policy must be one of {ANSWER_POLICIES}, got {policy!r}.")
     text = text.replace("\u2212", "-")  # Unicode minus sign, common in model output
-    boxed = last_boxed_content(text)
-    if boxed is not None and boxed.strip():
-        return boxed.strip()
-    phrase = _answer_after_phrase(text)
-    if phrase is not None:
-        return phrase
-    letter = _last_choice_letter(text)
+    boxes = [(start, content.strip()) for start, _, content in _boxed_spans(text) if content.strip()]
+    phrase = _answer_after_phrase(text, policy)
+    if policy == "last":
+        if boxes:
+            return last_boxed_content(text).strip()
+        if phrase is not None:
+            return phrase[1]
+    else:
+        committed = [*boxes, *([phrase] if phrase is not None else [])]
+        if committed:
+            return min(committed)[1]
+    letter = _choice_letter_in(text, policy)
     if letter is not None:
         return letter
-    numbers = _LAST_NUMBER.findall(text)
-    return numbers[-1].strip() if numbers else None
+    numbers = _NUMBER.findall(text)
+    if not numbers:
+        return None
+    return (numbers[-1] if policy == "last" else numbers[0]).strip()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -202,21 +236,8 @@ _THOUSANDS_SEPARATOR = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 _PARENTHESISED_LETTER = re.compile(r"^\(([a-z])\)$")
 
 
-def normalize_answer(ans: str) -> str:
-    r"""Normalise an answer string so that equivalent notations compare equal as strings.
-
-    Removes `\boxed{}` wrappers, math delimiters (`$`, `\(`, `\[`), `\text{}`-style wrappers, `\left`/`\right`,
-    spacing commands, degree marks (`^\circ`, `°`), percent signs, trailing units ("cm", "units^2", "degrees", ...),
-    trailing punctuation, thousands separators, an assignment's left side (`x = 5` -> `5`) and all whitespace;
-    `\dfrac` and `\tfrac` become `\frac`. The result is lower-cased, which makes choice letters and yes/no answers
-    case-insensitive, and a parenthesised choice letter "(B)" becomes "b".
-
-    Args:
-        ans: An extracted or reference answer.
-
-    Returns:
-        The normalised answer (possibly empty).
-    """
+def _clean_answer(ans: str) -> str:
+    """`normalize_answer` without the case folding: still LaTeX, for math-verify."""
     boxed = last_boxed_content(ans)
     text = boxed if boxed is not None else ans
     text = text.replace("\u2212", "-")
@@ -235,162 +256,53 @@ def normalize_answer(ans: str) -> str:
     if "=" in text and text.rsplit("=", 1)[1].strip():
         text = text.rsplit("=", 1)[1]
     text = _THOUSANDS_SEPARATOR.sub("", text)
-    text = re.sub(r"\s+", "", text).rstrip(".,;:!?").lower()
+    return re.sub(r"\s+", "", text).rstrip(".,;:!?")
+
+
+def normalize_answer(ans: str) -> str:
+    r"""Normalise an answer string so that equivalent notations compare equal as strings.
+
+    Removes `\boxed{}` wrappers, math delimiters (`$`, `\(`, `\[`), `\text{}`-style wrappers, `\left`/`\right`,
+    spacing commands, degree marks (`^\circ`, `°`), percent signs, trailing units ("cm", "units^2", "degrees", ...),
+    trailing punctuation, thousands separators, an assignment's left side (`x = 5` -> `5`) and all whitespace;
+    `\dfrac` and `\tfrac` become `\frac`. The result is lower-cased, which makes choice letters and yes/no answers
+    case-insensitive, and a parenthesised choice letter "(B)" becomes "b".
+
+    Args:
+        ans: An extracted or reference answer.
+
+    Returns:
+        The normalised answer (possibly empty).
+    """
+    text = _clean_answer(ans).lower()
     letter = _PARENTHESISED_LETTER.match(text)
     return letter.group(1) if letter else text
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Safe LaTeX -> SymPy conversion for numeric comparison
+# Mathematical equivalence, by math-verify
 # ---------------------------------------------------------------------------------------------------------------------
 
-_TOKEN = re.compile(r"\d+(?:\.\d*)?|\.\d+|\\[a-z]+|[a-z]+|[-+*/^(){}\[\]]")
-_OPERATOR_COMMANDS = {r"\cdot": "*", r"\times": "*", r"\div": "/"}
-_MAX_INPUT_LENGTH = 200
-_MAX_NESTING = 32
-_MAX_RESULT_DIGITS = 1000
+_MATH_TARGETS = (LatexExtractionConfig(), ExprExtractionConfig())
+# Answers are short: anything longer is not one, and a tower of powers (10^{10^{10}}) would keep SymPy busy until
+# math-verify's timeout, which exists in the main thread only
+_MAX_MATH_LENGTH = 200
+_POWER_TOWER = re.compile(r"\^\s*\{[^{}]*\^")
 
 
-class _UnsupportedExpression(ValueError):
-    """The answer is not a closed-form number in the supported LaTeX subset."""
-
-
-def _tokenize(text: str) -> list[str]:
-    text = text.replace("π", r"\pi").replace("√", r"\sqrt")
-    tokens: list[str] = []
-    position = 0
-    while position < len(text):
-        match = _TOKEN.match(text, position)
-        if match is None:
-            raise _UnsupportedExpression(text)
-        token = match.group()
-        tokens.append(_OPERATOR_COMMANDS.get(token, token))
-        position = match.end()
-    return tokens
-
-
-class _NumericLatexParser:
-    r"""Recursive-descent parser for numeric LaTeX: numbers, `+ - * /`, `^`, parentheses, braces, `\frac`,
-    `\sqrt` (with optional index), `\pi` and implicit multiplication (`2\sqrt{3}`, `3\pi`).
-
-    It builds SymPy objects directly, so no text is ever evaluated; anything outside the grammar (variables,
-    functions, relations) raises `_UnsupportedExpression`.
-    """
-
-    def __init__(self, tokens: list[str]) -> None:
-        self._tokens = tokens
-        self._position = 0
-        self._depth = 0
-
-    def parse(self) -> sympy.Expr:
-        expression = self._expression()
-        if self._peek() is not None:
-            raise _UnsupportedExpression(self._peek())
-        return expression
-
-    def _peek(self) -> str | None:
-        return self._tokens[self._position] if self._position < len(self._tokens) else None
-
-    def _take(self, expected: str | None = None) -> str:
-        token = self._peek()
-        if token is None or (expected is not None and token != expected):
-            raise _UnsupportedExpression(f"expected {expected!r}, got {token!r}")
-        self._position += 1
-        return token
-
-    def _expression(self) -> sympy.Expr:
-        value = self._term()
-        while self._peek() in ("+", "-"):
-            operator = self._take()
-            value = value + self._term() if operator == "+" else value - self._term()
-        return value
-
-    def _term(self) -> sympy.Expr:
-        value = self._unary()
-        while True:
-            token = self._peek()
-            if token == "*":
-                self._take()
-                value = value * self._unary()
-            elif token == "/":
-                self._take()
-                denominator = self._unary()
-                if denominator == 0:
-                    raise _UnsupportedExpression("division by zero")
-                value = value / denominator
-            elif token is not None and self._starts_atom(token):
-                value = value * self._power()
-            else:
-                return value
-
-    def _unary(self) -> sympy.Expr:
-        if self._peek() == "-":
-            self._take()
-            return -self._unary()
-        if self._peek() == "+":
-            self._take()
-            return self._unary()
-        return self._power()
-
-    def _power(self) -> sympy.Expr:
-        base = self._atom()
-        if self._peek() != "^":
-            return base
-        self._take()
-        exponent = self._unary() if self._peek() in ("-", "+") else self._atom()
-        # SymPy evaluates integer powers exactly, so an answer such as 10^{10^{10}} (or 0.5^{-10^{10}}) would build
-        # an astronomically large number. Refuse results beyond _MAX_RESULT_DIGITS digits before computing them.
-        magnitude = abs(float(base))
-        if magnitude > 0 and abs(float(exponent) * math.log10(magnitude)) > _MAX_RESULT_DIGITS:
-            raise _UnsupportedExpression("result too large")
-        return base**exponent
-
-    @staticmethod
-    def _starts_atom(token: str) -> bool:
-        return token[0].isdigit() or token[0] == "." or token in ("(", "{", r"\frac", r"\sqrt", r"\pi", "pi", "sqrt")
-
-    def _atom(self) -> sympy.Expr:
-        token = self._take()
-        if token[0].isdigit() or token[0] == ".":
-            return sympy.Rational(token)  # exact, so 0.1 + 0.2 == 0.3
-        if token in (r"\pi", "pi"):
-            return sympy.pi
-        if token in ("(", "{"):
-            return self._nested(")" if token == "(" else "}")
-        if token == r"\frac":
-            numerator = self._atom()
-            denominator = self._atom()
-            if denominator == 0:
-                raise _UnsupportedExpression("division by zero")
-            return numerator / denominator
-        if token in (r"\sqrt", "sqrt"):
-            if self._peek() == "[":
-                self._take()
-                index = self._nested("]")
-                return sympy.root(self._atom(), index)
-            return sympy.sqrt(self._atom())
-        raise _UnsupportedExpression(token)
-
-    def _nested(self, closing: str) -> sympy.Expr:
-        self._depth += 1
-        if self._depth > _MAX_NESTING:
-            raise _UnsupportedExpression("nesting too deep")
-        value = self._expression()
-        self._take(closing)
-        self._depth -= 1
-        return value
-
-
-def _to_number(normalized: str) -> float | None:
-    """Evaluate a normalised answer to a real number, or return `None` if it is not a supported closed form."""
-    if not normalized or len(normalized) > _MAX_INPUT_LENGTH:
-        return None
-    try:
-        value = _NumericLatexParser(_tokenize(normalized)).parse()
-        return float(value.evalf())
-    except (_UnsupportedExpression, TypeError, OverflowError):
-        # TypeError: a non-real value such as sqrt(-1), which float() refuses.
-        return None
+def _math_equal(predicted: str, expected: str) -> bool:
+    """Whether math-verify finds the two (cleaned) answers mathematically equal."""
+    if any(len(a) > _MAX_MATH_LENGTH or _POWER_TOWER.search(a) for a in (predicted, expected)):
+        return False
+    # math-verify times out with signal.alarm, which only the main thread may use (as in TRL's accuracy_reward)
+    main = threading.current_thread() is threading.main_thread()
+    if not main:
+        for name in ("math_verify.parser", "math_verify.grader"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+    timeout = 5 if main else None
+    gold = parse(f"${expected}$", _MATH_TARGETS, parsing_timeout=timeout)
+    answer = parse(f"${predicted}$", _MATH_TARGETS, parsing_timeout=timeout)
+    return bool(gold) and bool(answer) and verify(gold, answer, timeout_seconds=timeout)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -413,9 +325,10 @@ def answers_match(prediction: str | None, reference: str) -> bool:
     r"""Whether a predicted answer agrees with the reference answer.
 
     The answers match when their [`normalize_answer`] forms are identical, when the reference is a choice letter and
-    the prediction names the same letter ("B", "(B)", "B. 12 cm", "option b"), or when both evaluate to real numbers
-    within a relative tolerance of 1e-4. Numbers may be written as integers, decimals, fractions (`3/4`,
-    `\frac{3}{4}`), radicals (`2\sqrt{3}`, `\frac{\sqrt{3}}{2}`) or multiples of `\pi`.
+    the prediction names the same letter ("B", "(B)", "B. 12 cm", "option b"), or when `math-verify` finds them
+    mathematically equal (units, degree marks and `x =` removed first): integers, decimals (equal after rounding to
+    6 decimals), fractions (`3/4`, `\frac{3}{4}`), radicals (`2\sqrt{3}`, `\frac{\sqrt{3}}{2}`), multiples of
+    `\pi`, and symbolic expressions (`x + 1` and `1 + x`).
 
     Args:
         prediction: The extracted answer, typically from [`extract_answer`]; `None` (nothing extracted) never matches.
@@ -433,10 +346,7 @@ def answers_match(prediction: str | None, reference: str) -> bool:
         return True
     if len(expected) == 1 and expected.isalpha():
         return _choice_letter(prediction) == expected
-    predicted_value, expected_value = _to_number(predicted), _to_number(expected)
-    if predicted_value is None or expected_value is None:
-        return False
-    return math.isclose(predicted_value, expected_value, rel_tol=NUMERIC_RELATIVE_TOLERANCE)
+    return _math_equal(_clean_answer(prediction), _clean_answer(reference))
 
 
 def _completion_text(completion: str | list[dict[str, Any]]) -> str:
@@ -451,7 +361,10 @@ def _completion_text(completion: str | list[dict[str, Any]]) -> str:
 
 
 def accuracy_reward(
-    completions: Sequence[str | list[dict[str, Any]]], answer: Sequence[Any], **kwargs: Any
+    completions: Sequence[str | list[dict[str, Any]]],
+    answer: Sequence[Any],
+    policy: AnswerPolicy = "last",
+    **kwargs: Any,
 ) -> list[float]:
     """Binary accuracy reward: 1.0 when the completion's final answer matches the reference, else 0.0.
 
@@ -464,6 +377,7 @@ def accuracy_reward(
         completions: Completions, either plain strings or conversational lists such as
             `[{"role": "assistant", "content": "..."}]`.
         answer: One reference answer per completion.
+        policy: Which committed answer counts, `"last"` or `"first"` (see [`extract_answer`]).
         **kwargs: Other arguments passed by the trainer (`prompts`, `completion_ids`, remaining dataset columns);
             unused.
 
@@ -471,7 +385,7 @@ def accuracy_reward(
         One reward per completion.
     """
     return [
-        1.0 if answers_match(extract_answer(_completion_text(completion)), str(reference)) else 0.0
+        1.0 if answers_match(extract_answer(_completion_text(completion), policy), str(reference)) else 0.0
         for completion, reference in zip(completions, answer, strict=True)
     ]
 
@@ -494,6 +408,7 @@ def avg_at_k(
     k: int = 8,
     answer_column: str = "answer",
     batch_size: int = 8,
+    policy: AnswerPolicy = "last",
 ) -> dict[str, Any]:
     """Evaluate avg@k and pass@k: sample `k` answers per question and score each one with [`accuracy_reward`].
 
@@ -508,6 +423,7 @@ def avg_at_k(
         k: Number of samples per row.
         answer_column: Column holding the reference answer.
         batch_size: Number of rows passed to each `generate` call.
+        policy: Which committed answer of a completion counts, `"last"` or `"first"` (see [`extract_answer`]).
 
     Returns:
         A dictionary with `"avg@k"` (mean accuracy over all samples), `"pass@k"` (fraction of rows with at least one
@@ -526,7 +442,7 @@ def avg_at_k(
         completions = generate(rows)
         if len(completions) != len(rows):
             raise ValueError(f"`generate` returned {len(completions)} completions for {len(rows)} rows.")
-        rewards = accuracy_reward(completions, [row[answer_column] for row in rows])
+        rewards = accuracy_reward(completions, [row[answer_column] for row in rows], policy)
         for (index, _), reward in zip(batch, rewards, strict=True):
             if index == len(correct_per_row):  # first sample of a new row: requests arrive in row order
                 correct_per_row.append(0)
