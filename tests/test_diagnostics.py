@@ -5,11 +5,12 @@ import copy
 import html
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import image_question_dataset, noise_image
+from conftest import image_question_dataset, make_args, noise_image
 from datasets import Dataset
 from PIL import Image
 from transformers import TrainerCallback
@@ -282,3 +283,59 @@ def test_callback_in_real_training(processors, tmp_path):
 
     path = callback.plot_trajectory(tmp_path / "trajectory.png")
     assert path.read_bytes()[:8] == PNG_MAGIC
+
+
+def _tensorboard_scalars(directory) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in the TensorBoard event files under `directory`: tag -> [(step, value)]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for events in Path(directory).rglob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            scalars.setdefault(tag, []).extend((e.step, e.value) for e in accumulator.Scalars(tag))
+    return scalars
+
+
+@pytest.mark.parametrize("method", [["va_opd"], ["va_opd", "vgs"]])
+def test_every_metric_reaches_a_tracker_at_its_step(processors, tmp_path, monkeypatch, method):
+    """A real backend that writes locally (TensorBoard): the callback's measurements and the trainer's VA (and VGS)
+    metrics are in its event files, at the steps they belong to."""
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))  # where transformers' TensorBoard writes
+    processor = processors["qwen3_vl"]
+    probe = Dataset.from_list([_answer_dataset()[i] for i in range(2)])
+    teacher = build_model("qwen3_vl", processor, "teacher", seed=1)
+    callback = VisualRelianceCallback(
+        processor, probe, teacher, every_n_steps=2, accuracy_fn=_accuracy, max_new_tokens=4
+    )
+    trainer = VAOPDTrainer(
+        model=build_model("qwen3_vl", processor, "student", seed=0),
+        teacher_model=teacher,
+        args=make_args(
+            tmp_path,
+            method=method,
+            max_steps=3,
+            learning_rate=1e-3,
+            report_to=["tensorboard"],
+            per_device_train_batch_size=4,
+            gradient_accumulation_steps=2,
+        ),
+        train_dataset=_answer_dataset(),
+        processing_class=processor,
+    )
+    trainer.add_callback(callback)  # bound to the trainer when added, as when passed to the constructor
+    trainer.train()
+    scalars = _tensorboard_scalars(tmp_path / "tb")
+    for key in (STUDENT_RELIANCE_KEY, TEACHER_VA_KEY, ACCURACY_KEY, RESPONSE_LENGTH_KEY):
+        steps = [step for step, _ in scalars[f"train/{key}"]]
+        assert steps == [0, 2], key  # before training and every 2 steps
+        measured = {r["step"]: r[key] for r in callback.trajectory}
+        assert all(value == pytest.approx(measured[step]) for step, value in scalars[f"train/{key}"])
+    metrics = ["va/mean", "va/top10_share", "va/high_group_share", "weights/max", "kl/high", "kl/low", "loss"]
+    if "vgs" in method:
+        metrics += ["vgs/standard", "vgs/visual", "vgs/language", "vgs/lp_share", "vgs/vds"]
+    logged = {e["step"]: e for e in trainer.state.log_history if "loss" in e}
+    for key in metrics:
+        assert [step for step, _ in scalars[f"train/{key}"]] == [1, 2, 3], key
+        assert all(value == pytest.approx(logged[step][key]) for step, value in scalars[f"train/{key}"]), key

@@ -288,6 +288,17 @@ class VAOPDTrainer(DistillationTrainer):
         self._announced_paths: set[tuple[str, str | None]] = set()
         if args.cue_recovery or has_cue_recovery(self.model):
             self._attach_cue_recovery()
+        for callback in self.callback_handler.callbacks:
+            self._bind(callback)
+
+    def add_callback(self, callback) -> None:
+        super().add_callback(callback)
+        self._bind(self.callback_handler.callbacks[-1])
+
+    def _bind(self, callback) -> None:
+        # Callbacks that measure during training (`VisualRelianceCallback`) report through the trainer's callbacks
+        if hasattr(callback, "bind_trainer"):
+            callback.bind_trainer(self)
 
     def _attach_cue_recovery(self) -> None:
         """Give the student ViCuR's cue-recovery module (kept if it has one), trainable next to a PEFT adapter too.
