@@ -90,6 +90,34 @@ def test_only_the_sink_row_changes_at_the_chosen_layers(processors, family):
     assert model.config.cue_recovery == {"interval": 2, "layers": list(range(0, len(plain), 2))}
 
 
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_a_deep_copy_runs_its_own_module(processors, family):
+    import copy
+
+    processor = processors[family]
+    model = with_module(build_model(family, processor, "student"))
+    inputs = inputs_of(processor)
+    copied = copy.deepcopy(model)
+    with torch.no_grad():
+        plain = build_model(family, processor, "student")(**inputs).logits
+        assert torch.equal(copied(**inputs).logits, model(**inputs).logits)
+        assert not torch.equal(copied(**inputs).logits, plain)
+        # The copy's module is its own: changing it changes the copy only
+        backbone_of(copied).language_model.cue_recovery[0].o_proj.weight.zero_()
+        assert not torch.equal(copied(**inputs).logits, model(**inputs).logits)
+
+
+def test_an_attention_mask_passed_positionally_finds_the_same_sink(processors):
+    processor = processors["qwen3_vl"]
+    model = with_module(build_model("qwen3_vl", processor))
+    inputs = inputs_of(processor)
+    ids, mask = inputs.pop("input_ids"), inputs.pop("attention_mask")
+    with torch.no_grad():
+        by_keyword = backbone_of(model)(input_ids=ids, attention_mask=mask, **inputs).last_hidden_state
+        positional = backbone_of(model)(ids, mask, **inputs).last_hidden_state
+    assert torch.equal(positional, by_keyword)
+
+
 def test_the_module_is_the_identity_when_attached(processors):
     processor = processors["qwen3_vl"]
     inputs = inputs_of(processor)

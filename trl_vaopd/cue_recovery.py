@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import weakref
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -95,15 +96,18 @@ def has_cue_recovery(model: nn.Module) -> bool:
 
 
 class _SinkPositions:
-    """Where the sink and the visual tokens of the current prefill are, handed from the backbone to its layers.
+    """Where the sink and the visual tokens of the current prefill are, handed from the backbone to its layers, and
+    the hooks that run the modules.
 
     A backbone pre-hook reads them off `input_ids` (prefill only); the first layer that sees a forward's rotary
     embeddings files them under that tensor, and every layer of the same forward, gradient checkpointing's
-    recomputation in the backward included, finds them there.
+    recomputation in the backward included, finds them there. The hooks are this object's methods, not closures, so
+    that `copy.deepcopy` of the model copies them with it: a copy's hooks then run the copy's modules.
     """
 
-    def __init__(self, visual_token_ids: tuple[int, ...]):
+    def __init__(self, visual_token_ids: tuple[int, ...], container: nn.ModuleList):
         self.visual_token_ids = visual_token_ids
+        self.container = container
         self.pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         # id(rotary embedding tensor) -> (a weak reference to it, the positions of its forward)
         self.by_forward: dict[int, tuple[weakref.ref, Any]] = {}
@@ -120,7 +124,7 @@ class _SinkPositions:
                 "The cue-recovery module finds the sink and the image tokens in `input_ids`; this prefill passed "
                 "`inputs_embeds` only. Pass `input_ids`."
             )
-        mask = kwargs.get("attention_mask")
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
         # Rows are left-padded: the sink is each row's first attended position
         sink = (
             mask.long().argmax(dim=1) if mask is not None and mask.dim() == 2 else input_ids.new_zeros(len(input_ids))
@@ -138,10 +142,9 @@ class _SinkPositions:
             entry = self.by_forward[id(key)] = (weakref.ref(key), self.pending)
         return entry[1]
 
-
-def _layer_hook(positions: _SinkPositions, container: nn.Module, index: int):
-    def hook(layer, args, kwargs, output):
-        found = positions.of_layer_call(kwargs)
+    def layer_hook(self, index: int, layer, args, kwargs, output):
+        """After a chosen decoder layer: its `index`-th module updates each row's sink from the row's visual tokens."""
+        found = self.of_layer_call(kwargs)
         if found is None:
             return output
         sink, visual, has_visual = found
@@ -156,11 +159,9 @@ def _layer_hook(positions: _SinkPositions, container: nn.Module, index: int):
         visual_mask = slots < counts[:, None]
         order = torch.sort((~visual[rows]).long(), dim=1, stable=True).indices[:, :width]
         gathered = hidden[rows[:, None], order]
-        updated = container[index](hidden[rows, sink[rows]], gathered, visual_mask)
+        updated = self.container[index](hidden[rows, sink[rows]], gathered, visual_mask)
         hidden = hidden.index_put((rows, sink[rows]), updated.to(hidden.dtype))  # out of place: autograd-safe
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
-
-    return hook
 
 
 def _attach(model: nn.Module, interval: int) -> None:
@@ -190,13 +191,11 @@ def _attach(model: nn.Module, interval: int) -> None:
         for i in (getattr(model.config, "image_token_id", None), getattr(model.config, "video_token_id", None))
         if i is not None
     )
-    positions = _SinkPositions(visual_ids)
+    positions = _SinkPositions(visual_ids, container)
     backbone.register_forward_pre_hook(positions.backbone_pre_hook, with_kwargs=True)
     backbone.register_forward_hook(positions.backbone_post_hook, with_kwargs=True)
     for j, layer_index in enumerate(layers):
-        language_model.layers[layer_index].register_forward_hook(
-            _layer_hook(positions, container, j), with_kwargs=True
-        )
+        language_model.layers[layer_index].register_forward_hook(partial(positions.layer_hook, j), with_kwargs=True)
     model.config.cue_recovery = {"interval": interval, "layers": layers}
 
 
