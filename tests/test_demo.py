@@ -2,6 +2,7 @@
 script on a tiny budget."""
 
 import json
+import statistics
 import sys
 from collections import Counter
 from pathlib import Path
@@ -15,8 +16,11 @@ from trl_vaopd.demo.experiment import METHODS
 from trl_vaopd.demo.models import build_demo_processor
 from trl_vaopd.demo.task import (
     DEFAULT_TASK,
+    PERIMETER_TASK,
     RectangleItem,
+    answer_of,
     answer_segments,
+    cue_text,
     image_dependent_fraction,
     image_dependent_mask,
     reference_answer,
@@ -74,7 +78,8 @@ def test_the_image_decides_the_answer():
     # Same question, other figures: other answers; the question text is the same
     others = [RectangleItem(w, h, 1, 1, 200, 0) for w, h in ((4, 7), (7, 4), (3, 5))]
     assert len({to_rows([o])[0]["prompt"][0]["content"] for o in others}) == 1
-    assert [o.answer for o in others] == ["28", "28", "15"]
+    assert [answer_of(o) for o in others] == ["28", "28", "15"]
+    assert [answer_of(o, PERIMETER_TASK) for o in others] == ["22", "22", "16"]
     assert not np.array_equal(_pixels(others[0]), _pixels(others[2]))
 
 
@@ -95,8 +100,81 @@ def test_image_dependent_tokens_are_a_minority(demo_tokenizer):
     ids, depends = image_dependent_mask(demo_tokenizer, items[0])
     assert sum(depends) == sum(dependent for _, dependent in answer_segments(items[0])) == 6
     numbers = [demo_tokenizer.decode([i]).strip() for i, d in zip(ids, depends, strict=True) if d]
-    assert numbers == [str(items[0].width), str(items[0].height)] * 2 + [items[0].answer] * 2
-    assert reference_answer(items[0]).endswith(f"\\boxed{{{items[0].answer}}} .")
+    assert numbers == [str(items[0].width), str(items[0].height)] * 2 + [answer_of(items[0])] * 2
+    assert reference_answer(items[0]).endswith(f"\\boxed{{{answer_of(items[0])}}} .")
+
+
+@pytest.fixture(scope="module")
+def perimeter_tokenizer():
+    return build_demo_processor(PERIMETER_TASK).tokenizer
+
+
+def test_perimeter_task_is_in_the_papers_regime_by_construction(perimeter_tokenizer):
+    items = sample_items(60, seed=5, config=PERIMETER_TASK)
+    # A tenth of the teacher's tokens depend on the image (the numbers), a minority of the student's too
+    teacher_share = image_dependent_fraction(perimeter_tokenizer, items, PERIMETER_TASK, "teacher")
+    student_share = image_dependent_fraction(perimeter_tokenizer, items, PERIMETER_TASK, "student")
+    assert 0.08 <= teacher_share <= 0.13 and 0.12 <= student_share <= 0.18, (teacher_share, student_share)
+    # Every number in an answer depends on the image: the comparison-based mask and the template agree
+    for variant in range(5):
+        ids, depends = image_dependent_mask(perimeter_tokenizer, items[1], PERIMETER_TASK, "teacher", variant)
+        words = [perimeter_tokenizer.decode([i]).strip() for i in ids]
+        assert [w for w, d in zip(words, depends, strict=True) if d] == [w for w in words if w.isdigit()]
+        segments = answer_segments(items[1], PERIMETER_TASK, "teacher", variant)
+        assert sum(depends) == sum(dependent for _, dependent in segments)
+    # The teacher's language has entropy: many distinct answers for one figure, its favourite phrasing most often
+    teacher = [reference_answer(items[0], PERIMETER_TASK, "teacher", v) for v in range(400)]
+    assert len(set(teacher)) > 100
+    favourite = sum(t.startswith(("Looking at the figure", "Let us work this out")) for t in teacher) / 400
+    assert 0.6 < favourite < 0.9, favourite
+    # The student starts from a shorter style of its own: other favourite phrasings, the optional sentences left out
+    student = [reference_answer(items[0], PERIMETER_TASK, "student", v) for v in range(400)]
+    assert sum(t.startswith(("Looking at the figure", "Let us work this out")) for t in student) / 400 < 0.05
+    assert statistics.fmean(map(len, student)) < 0.85 * statistics.fmean(map(len, teacher))
+    assert all(t.endswith(f"\\boxed{{{answer_of(items[0], PERIMETER_TASK)}}} .") for t in [*student, *teacher])
+
+
+def test_perimeter_text_alone_is_near_chance():
+    train, _, test = split_items(5000, 0, 1000, seed=0, config=PERIMETER_TASK)
+    # Chance: always the most frequent perimeter, 2 x 10 (9 of the 81 (width, height) pairs)
+    counts = Counter(2 * (w + h) for w in range(1, 10) for h in range(1, 10))
+    chance = max(counts.values()) / 81
+    assert chance == pytest.approx(9 / 81)
+    assert text_only_accuracy(train, test, PERIMETER_TASK) < 1.25 * chance
+
+
+def test_cue_describes_the_visual_evidence_without_the_answer():
+    for w in range(1, 10):
+        for h in range(1, 10):
+            item = RectangleItem(w, h, 1, 2, 30, 1)
+            cue = cue_text(item)
+            stated = {int(token) for token in cue.rstrip(".").split() if token.isdigit()}
+            assert stated == {w, h}  # the side lengths, which the figure shows
+            assert item.perimeter not in stated  # the perimeter's answer is never stated
+            assert not {"area", "perimeter", "answer"} & set(cue.lower().split())
+    # A function of the figure's content: same sizes, same cue, whatever the hue, position or phrasing
+    assert cue_text(RectangleItem(3, 4, 1, 1, 10, 0)) == cue_text(RectangleItem(3, 4, 2, 1, 200, 3))
+    assert cue_text(RectangleItem(3, 4, 1, 1, 10, 0)) != cue_text(RectangleItem(4, 3, 1, 1, 10, 0))
+    assert to_rows([RectangleItem(3, 4, 1, 1, 10, 0)])[0]["cue"] == cue_text(RectangleItem(3, 4, 1, 1, 10, 0))
+
+
+@pytest.mark.filterwarnings("ignore:The teacher did not reach")
+def test_the_perimeter_task_holds_the_papers_premise_on_the_starting_students_rollouts(monkeypatch):
+    """Measured as the replication measures it (`examples/replication/analysis.py`), on the real teacher and student
+    (trained into the demo cache on first use, about 2 minutes on one core)."""
+    from trl_vaopd.demo.models import DemoSetup, cpu_threads, prepare_models
+
+    monkeypatch.syspath_prepend(str(ROOT / "examples" / "replication"))
+    from analysis import kl_va_alignment
+
+    with cpu_threads(1):
+        models = prepare_models(DemoSetup(task=PERIMETER_TASK), progress=False)
+        regime = kl_va_alignment(models, num_items=32)
+    # A teacher that reads, a student that mostly does not
+    assert models.meta["teacher"]["heldout_accuracy"] >= 0.95 and models.meta["student"]["heldout_accuracy"] <= 0.5
+    # The image-dependent tokens are a small minority of the student's tokens and hold well under half of its KL
+    assert 0.1 <= regime["number_token_share"] <= 0.2, regime
+    assert regime["kl_share_numbers"] < 0.4, regime
 
 
 def test_teacher_and_student_are_reproducible_from_the_seed(tmp_path):
@@ -142,17 +220,24 @@ def test_replicate_script_on_a_tiny_budget(tmp_path, quick_cache, monkeypatch):
 
     out = tmp_path / "replication"
     argv = ["--tiny", "--seeds", "0", "--workers", "1", "--output_dir", str(out), "--cache_dir", quick_cache]
-    report = replicate.main([*argv, "--no_progress"])
-    assert set(report["methods"]) == set(METHODS)
-    results = json.loads((out / "results.json").read_text())
-    assert len(results["runs"]) == len(METHODS)
-    for run in results["runs"]:
-        assert run["spec"]["steps"] == 2 and len(run["curve"]) == 3  # steps 0, 1, 2
-    table = (out / "results.md").read_text()
-    assert "| VA-OPD |" in table and "top-10% VA tokens masked" in table
-    with Image.open(out / "replication.png") as image:
-        assert image.format == "PNG"
+    reports = replicate.main([*argv, "--no_progress"])
+    assert set(reports) == {"area", "perimeter"}
+    for task, report in reports.items():
+        assert report["task"] == task and set(report["methods"]) == set(METHODS)
+        results = json.loads((out / task / "results.json").read_text())
+        assert len(results["runs"]) == len(METHODS)
+        for run in results["runs"]:
+            assert run["spec"]["steps"] == 2 and len(run["curve"]) == 3  # steps 0, 1, 2
+        regime = report["regime"]
+        for key in ("kl_share_numbers", "number_token_share", "kl_share_top10_va", "text_only_accuracy"):
+            assert 0.0 <= regime[key] <= 1.0, key
+        table = (out / task / "results.md").read_text()
+        assert f"Task: {task}." in table
+        for label in ("| VA-OPD |", "| VGS |", "| ViCuR, cue teacher + module |", "top-10% VA tokens masked"):
+            assert label in table
+        with Image.open(out / task / "replication.png") as image:
+            assert image.format == "PNG"
     # Resuming keeps the finished runs
-    runs_before = {p.name: p.stat().st_mtime for p in (out / "runs").iterdir()}
-    replicate.main([*argv, "--no_progress", "--methods", "opd"])
-    assert {p.name: p.stat().st_mtime for p in (out / "runs").iterdir()} == runs_before
+    runs_before = {p.name: p.stat().st_mtime for p in (out / "area" / "runs").iterdir()}
+    replicate.main([*argv, "--no_progress", "--methods", "opd", "--tasks", "area"])
+    assert {p.name: p.stat().st_mtime for p in (out / "area" / "runs").iterdir()} == runs_before

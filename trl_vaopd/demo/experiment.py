@@ -3,15 +3,20 @@
 `run_distillation(models, method, seed, steps)` distils the cached student from the cached teacher with
 `VAOPDTrainer` under one of these objectives, all with the same rollouts per step, steps and optimiser:
 
-| method           | `VAOPDConfig` settings                               | what the loss is                            |
-|------------------|------------------------------------------------------|---------------------------------------------|
-| `opd`            | `method="opd"`                                       | standard OPD (METHOD.md section 6)          |
-| `vaopd`          | `method="va_opd"`                                    | VA-OPD: rollout weighting + token grouping  |
-| `weighting_only` | `method="va_opd", token_grouping=False`              | rollout weighting alone                     |
-| `grouping_only`  | `method="va_opd", rollout_weighting=False`           | token grouping alone                        |
-| `mask_top10`     | `method="opd", va_token_mask="top"`                  | OPD without the 10% highest-VA tokens       |
-| `mask_low10`     | `method="opd", va_token_mask="low"`                  | OPD without the 10% lowest-VA tokens        |
-| `mask_random10`  | `method="opd", va_token_mask="random"`               | OPD without 10% random tokens               |
+| method           | `VAOPDConfig` settings                                 | what the loss is                            |
+|------------------|--------------------------------------------------------|---------------------------------------------|
+| `opd`            | `method="opd"`                                         | standard OPD (METHOD.md section 6)          |
+| `vaopd`          | `method="va_opd"`                                      | VA-OPD: rollout weighting + token grouping  |
+| `weighting_only` | `method="va_opd", token_grouping=False`                | rollout weighting alone                     |
+| `grouping_only`  | `method="va_opd", rollout_weighting=False`             | token grouping alone                        |
+| `mask_top10`     | `method="opd", va_token_mask="top"`                    | OPD without the 10% highest-VA tokens       |
+| `mask_low10`     | `method="opd", va_token_mask="low"`                    | OPD without the 10% lowest-VA tokens        |
+| `mask_random10`  | `method="opd", va_token_mask="random"`                 | OPD without 10% random tokens               |
+| `vgs`            | `method="vgs", counterfactual_view="drop"`             | VGS as its paper runs it (no image)         |
+| `vaopd_vgs`      | `method=["va_opd", "vgs"]`                             | VGS weighted by VA-OPD's coefficients       |
+| `vicur_cue`      | `method="vicur", cue_recovery=False`                   | OPD to the teacher reading the item's cue   |
+| `vicur`          | `method="vicur"`                                       | the cue teacher + the cue-recovery module   |
+| `vicur_vaopd`    | `method=["va_opd", "vicur"]`                           | VA-OPD with the cue teacher and the module  |
 
 Every run scores the counterfactual view (`log_va_metrics=True`), so the VA metrics exist for every method.
 
@@ -55,6 +60,11 @@ METHODS: dict[str, dict[str, Any]] = {
     "mask_top10": {"method": "opd", "va_token_mask": "top"},
     "mask_low10": {"method": "opd", "va_token_mask": "low"},
     "mask_random10": {"method": "opd", "va_token_mask": "random"},
+    "vgs": {"method": "vgs", "counterfactual_view": "drop"},
+    "vaopd_vgs": {"method": ["va_opd", "vgs"]},
+    "vicur_cue": {"method": "vicur", "cue_recovery": False},
+    "vicur": {"method": "vicur"},
+    "vicur_vaopd": {"method": ["va_opd", "vicur"]},
 }
 
 
@@ -69,7 +79,7 @@ class DistillSpec:
     warmup_ratio: float = 0.05
     temperature: float = 0.7
     top_p: float = 0.95
-    max_completion_length: int = 64
+    max_completion_length: int | None = None  # the task's `max_answer_tokens` when None
     eval_every: int = 25
     probe_size: int = 64
     final_samples: int = 8
@@ -194,7 +204,7 @@ def run_distillation(
         per_device_train_batch_size=spec.prompts_per_step * spec.num_generations,
         gradient_accumulation_steps=1,
         num_generations=spec.num_generations,
-        max_completion_length=spec.max_completion_length,
+        max_completion_length=spec.max_completion_length or task.max_answer_tokens,
         temperature=spec.temperature,
         top_p=spec.top_p,
         learning_rate=spec.learning_rate,

@@ -1,12 +1,15 @@
-"""The demo's teacher and student: tiny Qwen3-VL models trained here, on CPU, and cached on disk.
+"""The demo's teacher and student: tiny Qwen3-VL models trained here, on CPU, and cached on disk, for either task.
 
 * The tokenizer is a byte-level BPE trained on the task's corpus (`build_tokenizer(corpus=task_corpus())`), so every
   word and number of the reference answers is a single token.
-* The teacher (hidden size 64, 3 layers, ~0.5M parameters) is trained supervised on the reference answers until it
-  reads nearly every validation figure (97% greedy accuracy, checked every 50 steps), then frozen.
-* The student (hidden size 32, 2 layers, ~0.16M parameters) is trained the same way but stopped as soon as it reads a
-  quarter of the validation figures: it has the answer format and the arithmetic, and an unreliable reading of the
-  figure, so its accuracy starts far below the teacher's. On-policy distillation has to make it read.
+* The teacher (hidden size 64, 3 layers, ~0.5M parameters) is trained supervised on the teacher's answers (each
+  example in one of the task's phrasings, drawn at random) until it reads nearly every validation figure (97% greedy
+  accuracy, checked every 50 steps), then frozen. Half of its examples carry the item's cue appended to the question
+  (`"[Hint]: ..."`, as ViCuR's teacher reads it), so it can use a cue when one is given.
+* The student (hidden size 32, 2 layers, ~0.16M parameters) is trained the same way on the student's answers (on the
+  perimeter task, a style of its own) but stopped as soon as it reads a quarter of the validation figures: it has an
+  answer format and the arithmetic, and an unreliable reading of the figure, so its accuracy starts far below the
+  teacher's. On-policy distillation has to make it read (and, on the perimeter task, write like the teacher).
 
 Both are reproducible from a seed and saved with `save_pretrained` under `$TRL_VAOPD_CACHE` (default
 `~/.cache/trl_vaopd`)`/demo/<key>/`, where the key hashes every setting that changes the result (and a sample answer,
@@ -35,7 +38,18 @@ from PIL import Image
 from ..evaluation import answers_match, extract_answer
 from ..tiny_models import _build_config, build_processor, build_tokenizer
 from ..views import pixelate
-from .task import DEFAULT_TASK, RectangleItem, TaskConfig, reference_answer, render_image, split_items, task_corpus
+from .task import (
+    DEFAULT_TASK,
+    RectangleItem,
+    TaskConfig,
+    answer_of,
+    cue_text,
+    reference_answer,
+    render_image,
+    split_items,
+    task_corpus,
+    variants,
+)
 
 
 __all__ = [
@@ -57,10 +71,11 @@ __all__ = [
 ]
 
 #: Format version of the cache: bump it when the training code changes in a way the settings do not capture
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 FAMILY = "qwen3_vl"
-VOCAB_SIZE = 512
-MAX_NEW_TOKENS = 64
+VOCAB_SIZE = 1024
+#: How ViCuR's teacher reads a cue (`VAOPDConfig.cue_template`'s default), in the teacher's training prompts too
+CUE_TEMPLATE = "\n[Hint]: {cue}"
 
 
 @dataclass(frozen=True)
@@ -80,8 +95,10 @@ class TrainSpec:
     only, batches cycled through the training items in a seeded order.
 
     `view` is the image the model is trained on: `"original"`, `"pixelate"` (the detail removed) or `"empty"` (the
-    canvas without the rectangle). With `target_accuracy`, the run stops as soon as the greedy accuracy on the
-    validation items, checked every `eval_every` steps, reaches it; `steps` is then a cap.
+    canvas without the rectangle). `style` is whose answers it learns (`"teacher"` or `"student"`, the same on the
+    area task), each example in a phrasing drawn at random; `cue_rate` is the share of examples whose question carries
+    the item's cue. With `target_accuracy`, the run stops as soon as the greedy accuracy on the validation items,
+    checked every `eval_every` steps, reaches it; `steps` is then a cap.
     """
 
     steps: int
@@ -94,6 +111,8 @@ class TrainSpec:
     target_accuracy: float | None = None
     eval_every: int = 50
     seed: int = 0
+    style: str = "teacher"
+    cue_rate: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -105,11 +124,13 @@ class DemoSetup:
     student: ModelSpec = field(default_factory=lambda: ModelSpec(hidden=32, layers=2))
     # The teacher trains until it reads nearly every validation figure (at most `steps`)
     teacher_training: TrainSpec = field(
-        default_factory=lambda: TrainSpec(steps=900, target_accuracy=0.97, eval_every=50, seed=0)
+        default_factory=lambda: TrainSpec(steps=900, target_accuracy=0.97, eval_every=50, seed=0, cue_rate=0.5)
     )
     # The student trains only until it reads about a quarter of them: the skill exists but is unreliable
     student_training: TrainSpec = field(
-        default_factory=lambda: TrainSpec(steps=1500, schedule="constant", target_accuracy=0.25, eval_every=10, seed=1)
+        default_factory=lambda: TrainSpec(
+            steps=1500, schedule="constant", target_accuracy=0.25, eval_every=10, seed=1, style="student"
+        )
     )
     num_train: int = 20000
     num_validation: int = 128
@@ -118,8 +139,13 @@ class DemoSetup:
     model_seed: int = 0
 
     def key(self) -> str:
-        # The answer template is code, not a setting: a sample answer stands for it
-        template = reference_answer(RectangleItem(3, 4, 0, 0, 0, 0))
+        # The answer templates are code, not settings: sample answers (a few phrasings of each style) stand for them
+        sample = RectangleItem(3, 4, 0, 0, 0, 0)
+        template = [
+            reference_answer(sample, self.task, style, v)
+            for style in ("teacher", "student")
+            for v in range(min(16, variants(self.task, style)))
+        ]
         payload = {"version": CACHE_VERSION, "family": FAMILY, "vocab": VOCAB_SIZE, "template": template}
         payload.update(asdict(self))
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -243,7 +269,7 @@ def completion_logits(
 
 class _Encoder:
     """Builds model inputs for task items: every image has the same size, so a prompt's tokens depend only on its
-    question, and are computed once per phrasing."""
+    question (and its cue, when the question carries one)."""
 
     def __init__(self, processor, task: TaskConfig):
         self.processor, self.task = processor, task
@@ -254,13 +280,18 @@ class _Encoder:
         self.suppress_ids = suppressed_token_ids(self.tokenizer)
         # The figure with the rectangle removed: nothing to read (unlike a pixelated or mean-colour view, whose
         # intensities still hint at the rectangle's size)
-        self.empty = blank = Image.new("RGB", (task.image_size, task.image_size), (255, 255, 255))
-        self.prompt_ids = []
-        for question in task.questions:
-            text = processor.apply_chat_template(_messages(question), add_generation_prompt=True, tokenize=False)
-            self.prompt_ids.append(
-                processor(text=[text], images=[blank], return_tensors="pt")["input_ids"][0].tolist()
-            )
+        self.empty = Image.new("RGB", (task.image_size, task.image_size), (255, 255, 255))
+        self._prompt_ids: dict[str, list[int]] = {}
+
+    def prompt_ids(self, item: RectangleItem, cue: bool = False) -> list[int]:
+        question = self.task.questions[item.question]
+        if cue:
+            question += CUE_TEMPLATE.format(cue=cue_text(item))
+        if question not in self._prompt_ids:
+            text = self.processor.apply_chat_template(_messages(question), add_generation_prompt=True, tokenize=False)
+            ids = self.processor(text=[text], images=[self.empty], return_tensors="pt")["input_ids"][0].tolist()
+            self._prompt_ids[question] = ids
+        return self._prompt_ids[question]
 
     def images(self, items: Sequence[RectangleItem], view: str = "original") -> dict[str, torch.Tensor]:
         images = [render_image(item, self.task) for item in items]
@@ -282,8 +313,11 @@ class _Encoder:
             mask[i, length - len(r) :] = 1
         return ids, mask
 
-    def prompts(self, items: Sequence[RectangleItem], view: str = "original") -> dict[str, torch.Tensor]:
-        ids, mask = self._pad_left([self.prompt_ids[item.question] for item in items])
+    def prompts(
+        self, items: Sequence[RectangleItem], view: str = "original", cues: Sequence[bool] | None = None
+    ) -> dict[str, torch.Tensor]:
+        cues = cues if cues is not None else [False] * len(items)
+        ids, mask = self._pad_left([self.prompt_ids(item, cue) for item, cue in zip(items, cues, strict=True)])
         return {
             "input_ids": ids,
             "attention_mask": mask,
@@ -291,13 +325,24 @@ class _Encoder:
             **self.images(items, view),
         }
 
-    def supervised(self, items: Sequence[RectangleItem], view: str = "original") -> dict[str, torch.Tensor]:
-        """Prompt + reference answer + end of turn, left-padded, with `labels` on the answer tokens only."""
+    def supervised(
+        self,
+        items: Sequence[RectangleItem],
+        view: str = "original",
+        style: str = "teacher",
+        phrasings: Sequence[int] | None = None,
+        cues: Sequence[bool] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Prompt (with its cue where `cues` says so) + reference answer in the `style`'s phrasing `phrasings[i]` +
+        end of turn, left-padded, with `labels` on the answer tokens only."""
+        phrasings = phrasings if phrasings is not None else [0] * len(items)
+        cues = cues if cues is not None else [False] * len(items)
         rows, answer_lengths = [], []
-        for item in items:
-            answer = self.tokenizer(reference_answer(item), add_special_tokens=False)["input_ids"] + [self.eos_id]
-            rows.append(self.prompt_ids[item.question] + answer)
-            answer_lengths.append(len(answer))
+        for item, variant, cue in zip(items, phrasings, cues, strict=True):
+            answer = reference_answer(item, self.task, style, variant)
+            answer_ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"] + [self.eos_id]
+            rows.append(self.prompt_ids(item, cue) + answer_ids)
+            answer_lengths.append(len(answer_ids))
         ids, mask = self._pad_left(rows)
         labels = torch.full_like(ids, -100)
         for i, n in enumerate(answer_lengths):
@@ -365,7 +410,11 @@ def supervised_train(
             order, position = torch.randperm(len(items), generator=generator).tolist(), 0
         batch_items = [items[i] for i in order[position : position + spec.batch_size]]
         position += spec.batch_size
-        loss = _answer_loss(model, encoder.supervised(batch_items, spec.view))
+        # Each example in a phrasing drawn at random, with its cue at the spec's rate
+        phrasings = torch.randint(variants(task, spec.style), (len(batch_items),), generator=generator).tolist()
+        cues = (torch.rand(len(batch_items), generator=generator) < spec.cue_rate).tolist()
+        batch = encoder.supervised(batch_items, spec.view, spec.style, phrasings, cues)
+        loss = _answer_loss(model, batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -405,14 +454,17 @@ def generate(
     num_samples: int = 1,
     batch_size: int = 128,
     view: str = "original",
-    max_new_tokens: int = MAX_NEW_TOKENS,
+    max_new_tokens: int | None = None,
     seed: int | None = None,
     return_ids: bool = False,
+    cue: bool = False,
 ):
-    """Completions for `items`: greedy when `temperature` is `None`, else `num_samples` samples per item (consecutive).
+    """Completions for `items`: greedy when `temperature` is `None`, else `num_samples` samples per item (consecutive),
+    at most the task's `max_answer_tokens` (or `max_new_tokens`) long; with `cue`, the questions carry the items' cues.
 
     Returns the decoded texts, or `(prompt batch list, completion id tensors)` pieces when `return_ids`.
     """
+    max_new_tokens = max_new_tokens or task.max_answer_tokens
     encoder = _Encoder(processor, task)
     expanded = [item for item in items for _ in range(num_samples)]
     texts, pieces = [], []
@@ -422,7 +474,7 @@ def generate(
         torch.manual_seed(seed)
     for start in range(0, len(expanded), batch_size):
         chunk = expanded[start : start + batch_size]
-        inputs = encoder.prompts(chunk, view)
+        inputs = encoder.prompts(chunk, view, [cue] * len(chunk))
         kwargs: dict[str, Any] = {"do_sample": False, "suppress_tokens": encoder.suppress_ids}
         if temperature is not None:
             kwargs.update(do_sample=True, temperature=temperature, top_p=1.0, top_k=0)
@@ -436,8 +488,8 @@ def generate(
     return pieces if return_ids else texts
 
 
-def is_correct(text: str, item: RectangleItem) -> bool:
-    return answers_match(extract_answer(text), item.answer)
+def is_correct(text: str, item: RectangleItem, task: TaskConfig = DEFAULT_TASK) -> bool:
+    return answers_match(extract_answer(text), answer_of(item, task))
 
 
 def evaluate(
@@ -449,16 +501,19 @@ def evaluate(
     temperature: float = 1.0,
     view: str = "original",
     seed: int = 0,
+    cue: bool = False,
 ) -> dict[str, float]:
-    """Greedy accuracy, and with `samples > 0` avg@`samples` at `temperature` (the paper: avg@8 at 1.0)."""
-    greedy = generate(model, processor, items, task, view=view)
-    result = {"greedy": sum(is_correct(t, it) for t, it in zip(greedy, items, strict=True)) / len(items)}
+    """Greedy accuracy, and with `samples > 0` avg@`samples` at `temperature` (the paper: avg@8 at 1.0); with `cue`,
+    the questions carry the items' cues."""
+    greedy = generate(model, processor, items, task, view=view, cue=cue)
+    result = {"greedy": sum(is_correct(t, it, task) for t, it in zip(greedy, items, strict=True)) / len(items)}
     if samples:
-        sampled = generate(model, processor, items, task, temperature=temperature, num_samples=samples, seed=seed)
-        expanded = [item for item in items for _ in range(samples)]
-        result[f"avg@{samples}"] = sum(is_correct(t, it) for t, it in zip(sampled, expanded, strict=True)) / len(
-            expanded
+        sampled = generate(
+            model, processor, items, task, temperature=temperature, num_samples=samples, seed=seed, cue=cue
         )
+        expanded = [item for item in items for _ in range(samples)]
+        correct = sum(is_correct(t, it, task) for t, it in zip(sampled, expanded, strict=True))
+        result[f"avg@{samples}"] = correct / len(expanded)
     return result
 
 
@@ -500,14 +555,15 @@ class DemoModels:
         return load_model(self.student_path)
 
 
-def quick_setup() -> DemoSetup:
+def quick_setup(task: TaskConfig = DEFAULT_TASK) -> DemoSetup:
     """A seconds-long setup for tests: narrow one-layer models, a handful of training steps, small splits (the
     accuracies mean nothing)."""
     return DemoSetup(
+        task=task,
         teacher=ModelSpec(hidden=32, layers=1, vision_depth=1),
         student=ModelSpec(hidden=16, layers=1, vision_depth=1),
-        teacher_training=TrainSpec(steps=4, batch_size=8, eval_every=2, target_accuracy=0.97),
-        student_training=TrainSpec(steps=2, batch_size=8, seed=1),
+        teacher_training=TrainSpec(steps=4, batch_size=8, eval_every=2, target_accuracy=0.97, cue_rate=0.5),
+        student_training=TrainSpec(steps=2, batch_size=8, seed=1, style="student"),
         num_train=64,
         num_validation=8,
         num_test=16,
@@ -549,6 +605,7 @@ def _train_and_save(setup: DemoSetup, directory: Path, progress: bool) -> dict[s
         seconds = time.perf_counter() - start
         accuracy = evaluate(model, processor, test_items, task)["greedy"]
         blind = evaluate(model, processor, test_items, task, view="pixelate")["greedy"]
+        with_cue = evaluate(model, processor, test_items, task, cue=True)["greedy"]
         meta[name] = {
             "parameters": _num_params(model),
             "train_steps": log["steps"],
@@ -557,6 +614,7 @@ def _train_and_save(setup: DemoSetup, directory: Path, progress: bool) -> dict[s
             "validation": log["validation"],
             "heldout_accuracy": accuracy,
             "heldout_accuracy_pixelated": blind,
+            "heldout_accuracy_with_cue": with_cue,
         }
         reached = [acc for _, acc in log["validation"] if training.target_accuracy and acc >= training.target_accuracy]
         if training.target_accuracy is not None and not reached:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +23,14 @@ import torch
 
 from .experiment import DistillSpec, run_distillation
 from .models import DemoModels, DemoSetup, cpu_threads, generate, prepare_models, quick_setup
-from .task import question_text, render_image
+from .task import TaskConfig, answer_of, question_text, render_image
 
 
-__all__ = ["DEMO_SPEC", "QUICK_SPEC", "plot_curves", "run_demo", "write_heatmap"]
+__all__ = ["DEMO_SPEC", "DEMO_TASK", "QUICK_SPEC", "plot_curves", "run_demo", "write_heatmap"]
 
 #: The demo's distillation budget: 200 steps of 8 prompts x 4 rollouts, AdamW at 1e-3
+#: The task the demo shows (docs/replication.md: the one where VA-OPD does best)
+DEMO_TASK = "area"
 DEMO_SPEC = DistillSpec(steps=200, eval_every=20)
 #: A seconds-long budget for tests
 QUICK_SPEC = DistillSpec(
@@ -49,7 +51,7 @@ def write_heatmap(models: DemoModels, student, path: Path) -> dict[str, Any]:
     pieces = generate(student, processor, items, task, return_ids=True)
     completions = [c for _, _, chunk in pieces for c in chunk]
     texts = processor.tokenizer.batch_decode(completions, skip_special_tokens=True)
-    index = next((i for i, (t, it) in enumerate(zip(texts, items, strict=True)) if is_correct(t, it)), 0)
+    index = next((i for i, (t, it) in enumerate(zip(texts, items, strict=True)) if is_correct(t, it, task)), 0)
     item, ids = items[index], completions[index].tolist()
     eos = {processor.tokenizer.convert_tokens_to_ids("<|im_end|>"), processor.tokenizer.pad_token_id}
     cut = next((i + 1 for i, t in enumerate(ids) if t in eos), len(ids))
@@ -63,12 +65,12 @@ def write_heatmap(models: DemoModels, student, path: Path) -> dict[str, Any]:
         "student before: its own gap": score_many(models.student(), processor, [row])[0],
         "student after: its own gap": score_many(student, processor, [row])[0],
     }
-    title = f"Held-out figure: width {item.width}, height {item.height}, area {item.answer}"
+    title = f"Held-out figure: width {item.width}, height {item.height}, {task.kind} {answer_of(item, task)}"
     va_heatmap_png(scored, path, title=title)
     return {
         "item": asdict(item),
         "response": texts[index],
-        "correct": is_correct(texts[index], item),
+        "correct": is_correct(texts[index], item, task),
         "mean_va": {k: v.mean_va for k, v in scored.items()},
     }
 
@@ -114,6 +116,8 @@ def run_demo(
     progress: bool = True,
     cache_dir: str | None = None,
     threads: int | None = None,
+    task: str = DEMO_TASK,
+    model_seed: int = 0,
 ) -> dict[str, Any]:
     """Run the built-in demo and return its summary (also printed, and written to `output_dir/summary.json`).
 
@@ -126,6 +130,10 @@ def run_demo(
         progress: Progress bars and messages.
         cache_dir: Root of the model cache; `$TRL_VAOPD_CACHE` or `~/.cache/trl_vaopd` when `None`.
         threads: Torch CPU threads during the run; `$TRL_VAOPD_DEMO_THREADS` or 1 when `None` (see `cpu_threads`).
+        task: `"area"` or `"perimeter"` (`trl_vaopd.demo.task`).
+        model_seed: Seed of the teacher's and student's initial weights (`DemoSetup.model_seed`). Another seed trains
+            (and caches) other models, which read the figures as well or as badly as another machine's floating point
+            makes them: the README's spread is over these seeds.
 
     Returns:
         The summary: accuracies of the student before and after and of the teacher, the mean VA and its top-10% share,
@@ -134,16 +142,17 @@ def run_demo(
     with cpu_threads(threads), warnings.catch_warnings():
         # Deprecation notices of the libraries underneath, not actionable by a demo user
         warnings.simplefilter("ignore", FutureWarning)
-        return _run_demo(output_dir, seed, steps, quick, progress, cache_dir)
+        return _run_demo(output_dir, seed, steps, quick, progress, cache_dir, task, model_seed)
 
 
-def _run_demo(output_dir, seed, steps, quick, progress, cache_dir) -> dict[str, Any]:
+def _run_demo(output_dir, seed, steps, quick, progress, cache_dir, task, model_seed) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
     out = Path(output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    setup = quick_setup() if quick else DemoSetup()
+    config = TaskConfig(kind=task)
+    setup = replace(quick_setup(config) if quick else DemoSetup(task=config), model_seed=model_seed)
     spec = QUICK_SPEC if quick else DEMO_SPEC
     if steps is not None:
         spec = DistillSpec(**{**asdict(spec), "steps": steps})
@@ -176,7 +185,9 @@ def _run_demo(output_dir, seed, steps, quick, progress, cache_dir) -> dict[str, 
         "steps": spec.steps,
         "rollouts_per_step": spec.prompts_per_step * spec.num_generations,
         "heldout_items": len(models.test_items),
+        "task": task,
         "seed": seed,
+        "model_seed": model_seed,
         "models_from_cache": models.loaded_from_cache,
         "cache_dir": str(models.directory),
         "prepare_seconds": round(prepared - start, 1),
@@ -196,6 +207,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines = [
         "",
         "VA-OPD demo" + (" (models loaded from the cache)" if summary["models_from_cache"] else ""),
+        f"  task: the rectangle's {summary['task']} (trl_vaopd.demo.task); model seed {summary['model_seed']}, "
+        f"distillation seed {summary['seed']}",
         f"  held-out greedy accuracy ({summary['heldout_items']} figures):",
         f"    student before   {summary['student_accuracy_before']:6.1%}",
         f"    student after    {summary['student_accuracy_after']:6.1%}   "

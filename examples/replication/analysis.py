@@ -1,4 +1,9 @@
-"""Where the KL of on-policy distillation sits relative to the teacher's VA, on the student's own rollouts.
+"""Where the KL of on-policy distillation sits, on the starting student's own rollouts: the task's regime.
+
+The papers' premise is that the few image-dependent tokens carry little of the KL: in long reasoning traces the text
+tokens carry most of it, and the visual signal drowns among them. `kl_va_alignment` measures that regime on fresh
+rollouts of a student: how much of the KL mass sits on the tokens that depend on the image (every number in these
+tasks' answers depends on the image), and how many tokens those are.
 
 VA (METHOD.md section 2) is measured on the *sampled* token: it is large where the student sampled a token that the
 teacher supports only with the image. The KL at a position compares full distributions, so it is large where the
@@ -15,8 +20,8 @@ from typing import Any
 
 import torch
 
-from .experiment import score_views
-from .models import DemoModels, _Encoder, completion_logits, generate
+from trl_vaopd.demo.experiment import score_views
+from trl_vaopd.demo.models import DemoModels, _Encoder, completion_logits, generate
 
 
 __all__ = ["kl_va_alignment"]
@@ -40,7 +45,7 @@ def kl_va_alignment(
     tokenizer = processor.tokenizer
     items = models.validation_items[:num_items]
     generator = torch.Generator().manual_seed(seed)
-    totals = {"kl": 0.0, "top": 0.0, "low": 0.0, "random": 0.0, "numbers": 0.0}
+    totals = {"kl": 0.0, "top": 0.0, "low": 0.0, "random": 0.0, "numbers": 0.0, "tokens": 0, "number_tokens": 0}
     width = {"right": {"va": [], "kl": []}, "wrong": {"va": [], "kl": []}}
     number_ids = {i for token, i in tokenizer.get_vocab().items() if token.lstrip("Ġ").isdigit()}
     for chunk, _, completion in generate(
@@ -70,6 +75,8 @@ def kl_va_alignment(
             tokens = completion[row, valid].tolist()
             numbers = [i for i, t in enumerate(tokens) if t in number_ids]
             totals["numbers"] += row_kl[numbers].sum().item() if numbers else 0.0
+            totals["tokens"] += n
+            totals["number_tokens"] += len(numbers)
             if numbers:
                 first = numbers[0]  # the stated width
                 stated = tokenizer.decode([tokens[first]]).strip()
@@ -87,7 +94,10 @@ def kl_va_alignment(
         "kl_share_top10_va": totals["top"] / total,
         "kl_share_low10_va": totals["low"] / total,
         "kl_share_random10": totals["random"] / total,
+        # The regime: the share of the KL on the image-dependent tokens (the numbers), and their share of the tokens
         "kl_share_numbers": totals["numbers"] / total,
+        "number_token_share": totals["number_tokens"] / max(1, totals["tokens"]),
+        "mean_kl_per_token": totals["kl"] / max(1, totals["tokens"]),
         "width_right": {
             "count": len(width["right"]["va"]),
             "va": mean(width["right"]["va"]),
