@@ -203,8 +203,8 @@ class VAOPDConfig(DistillationConfig):
     method: list[str] = field(
         default_factory=lambda: ["va_opd"],
         metadata={
-            "help": "Published method(s) to run: opd, va_opd, vgs, or several to compose them (e.g. va_opd vgs). "
-            "Presets the component switches.",
+            "help": "Published method(s) to run: opd, va_opd, vgs, vicur, or several to compose them (e.g. va_opd "
+            "vgs). Presets the component switches.",
         },
     )
     rollout_weighting: bool | None = field(
