@@ -13,6 +13,7 @@ from trl_vaopd.cue_recovery import (
     has_cue_recovery,
     load_with_cue_recovery,
 )
+from trl_vaopd.evaluation import tokenize_conversations
 from trl_vaopd.prefix_sharing import backbone_of
 from trl_vaopd.tiny_models import TINY_FAMILIES, build_model
 
@@ -25,14 +26,7 @@ def inputs_of(processor, n: int = 3) -> dict:
         )
         for i in range(n)
     ]
-    return processor.apply_chat_template(
-        conversations,
-        add_generation_prompt=True,
-        tokenize=True,
-        return_dict=True,
-        return_tensors="pt",
-        processor_kwargs={"padding": True, "padding_side": "left"},
-    )
+    return tokenize_conversations(processor, conversations)
 
 
 def with_module(model, interval: int = 1, seed: int = 0):

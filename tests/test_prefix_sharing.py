@@ -8,6 +8,7 @@ from steps import cat, run_one_step
 from trl.data_utils import prepare_multimodal_messages
 from trl.trainer.utils import split_pixel_values_by_grid
 
+from trl_vaopd.evaluation import tokenize_conversations
 from trl_vaopd.prefix_sharing import (
     backbone_of,
     prefix_groups,
@@ -31,14 +32,7 @@ def make_rows(processor, with_images: bool = True, seed: int = 0) -> dict:
     conversations = [
         prepare_multimodal_messages(c, images=images[i] if with_images else None) for i, c in enumerate(conversations)
     ]
-    encoded = processor.apply_chat_template(
-        conversations,
-        add_generation_prompt=True,
-        tokenize=True,
-        return_dict=True,
-        return_tensors="pt",
-        processor_kwargs={"padding": True, "padding_side": "left"},
-    )
+    encoded = tokenize_conversations(processor, conversations)
     generator = torch.Generator().manual_seed(seed)
     lengths = torch.tensor([5, 3, 7, 7, 1, 4, 6, 2, 7])
     completion = torch.randint(10, 400, (len(GROUPS), 7), generator=generator)
@@ -104,9 +98,8 @@ def test_gradients_through_the_shared_prefix_equal_the_full_pass(processors, fam
     processor = processors[family]
     rows = make_rows(processor)
     valid = rows["completion_mask"].bool()
-    weights = torch.randn(
-        int(valid.sum()), backbone_of(build_model(family, processor)).config.get_text_config().hidden_size
-    )
+    width = backbone_of(build_model(family, processor)).config.get_text_config().hidden_size
+    weights = torch.randn(int(valid.sum()), width, generator=torch.Generator().manual_seed(0))
     grads = []
     for path in (full_hidden_states, lambda m, r: shared_prefix_hidden_states(m, r, prefix_groups(r))):
         model = build_model(family, processor, "student", seed=0)
@@ -114,7 +107,9 @@ def test_gradients_through_the_shared_prefix_equal_the_full_pass(processors, fam
         grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and any("visual" in n or "vision" in n for n in grads[0])
     for name, grad in grads[0].items():
-        torch.testing.assert_close(grads[1][name], grad, atol=ATOL, rtol=RTOL, msg=name)
+        # A gradient sums many products: its rounding error scales with its largest entries, not with each entry
+        scale = grad.abs().max().item()
+        torch.testing.assert_close(grads[1][name], grad, atol=ATOL * max(1.0, scale), rtol=RTOL, msg=name)
 
 
 def test_token_positions_processed(processors):

@@ -218,6 +218,17 @@ def module_parameters(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if ".cue_recovery." in n}
 
 
+def full_sequence_inputs(batch: dict) -> dict:
+    """Model inputs of a trained micro-batch's prompts and completions, as one sequence per rollout."""
+    return {
+        "input_ids": torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1),
+        "attention_mask": torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1),
+        "pixel_values": batch["pixel_values"],
+        "image_grid_thw": batch["image_grid_thw"],
+        "mm_token_type_ids": batch["mm_token_type_ids"],
+    }
+
+
 def test_the_module_trains_with_the_student_and_is_saved_with_it(processors, tmp_path):
     from trl_vaopd.cue_recovery import has_cue_recovery, load_with_cue_recovery
 
@@ -234,14 +245,7 @@ def test_the_module_trains_with_the_student_and_is_saved_with_it(processors, tmp
     )
     trainer.save_model(str(tmp_path / "student"))
     loaded = load_with_cue_recovery(tmp_path / "student")
-    batch = trainer._buffered_inputs[0]
-    inputs = {
-        "input_ids": torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1),
-        "attention_mask": torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1),
-        "pixel_values": batch["pixel_values"],
-        "image_grid_thw": batch["image_grid_thw"],
-        "mm_token_type_ids": batch["mm_token_type_ids"],
-    }
+    inputs = full_sequence_inputs(trainer._buffered_inputs[0])
     trainer.model.eval()
     with torch.no_grad():
         assert torch.equal(loaded(**inputs).logits, trainer.model(**inputs).logits)
@@ -269,14 +273,7 @@ def test_the_module_trains_next_to_a_lora_adapter_and_reloads_with_it(processors
     trainer.save_model(str(tmp_path / "adapter"))
     base = add_cue_recovery(build_model("qwen3_vl", processor, "student"), interval=5)
     reloaded = PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
-    ids = trainer._buffered_inputs[0]
-    inputs = {
-        "input_ids": torch.cat([ids["prompt_ids"], ids["completion_ids"]], dim=1),
-        "attention_mask": torch.cat([ids["prompt_mask"], ids["completion_mask"]], dim=1),
-        "pixel_values": ids["pixel_values"],
-        "image_grid_thw": ids["image_grid_thw"],
-        "mm_token_type_ids": ids["mm_token_type_ids"],
-    }
+    inputs = full_sequence_inputs(trainer._buffered_inputs[0])
     trainer.model.eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**inputs).logits, trainer.model(**inputs).logits)
