@@ -15,7 +15,7 @@ the task's regime (where the KL sits on the starting student's rollouts); writes
 `replication.png` under `--output_dir/<task>/`.
 
 ```bash
-python examples/replicate.py                              # both tasks, 12 methods x 5 seeds (about an hour on 2 cores)
+python examples/replicate.py                              # both tasks, 12 methods x 5 seeds (hours on 2 cores; resumable)
 python examples/replicate.py --tasks perimeter --methods opd vaopd vgs --seeds 0 1 2
 python examples/replicate.py --tiny                       # seconds: the pipeline on a meaningless budget (tests)
 ```
