@@ -21,6 +21,7 @@ from trl_vaopd.objective import (
     rollout_weights,
     sampled_token_kl,
     token_coefficients,
+    token_mean_coefficients,
     uniform_rollout_weights,
     vgs_loss,
     vgs_token_loss,
@@ -155,6 +156,8 @@ def reference(
     coefficients = token_coefficients(
         va, mask, weights, args.va_high_fraction, args.va_high_weight, group_tokens=args.token_grouping
     )
+    if getattr(args, "loss_aggregation", "response_mean") == "token_mean":
+        coefficients = token_mean_coefficients(coefficients, mask, len(rows), int(mask.sum()))
     num_prompts = len(set(groups))
     student_logits = logits(student, "original")
     out = {"rows": rows, "va": reference_va, "mask": mask, "weights": weights, "coefficients": coefficients}

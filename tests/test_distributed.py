@@ -99,7 +99,7 @@ def load_student(before: dict[str, torch.Tensor], processor, lora: bool, padded:
     student = build_model("qwen3_vl", processor, "student", seed=0)
     if padded:
         student = pad_output_head(student, 5, seed=2)
-    if any(".cue_recovery." in name for name in before):
+    if any(".sink_" in name for name in before):
         student = add_cue_recovery(student, interval=5)
     if lora:
         from peft import LoraConfig, get_peft_model
@@ -262,21 +262,27 @@ def test_zero3_step_with_padded_heads_equals_the_objective_over_the_tokenizer(tm
     assert head[:-5].abs().sum() > 0 and not head[-5:].any()
 
 
-@pytest.mark.parametrize("config", [None, "deepspeed_zero3.yaml"], ids=["ddp", "zero3"])
-def test_vicur_with_va_opd_and_vgs_equals_its_objective_in_two_processes(tmp_path, config):
+@pytest.mark.parametrize(
+    "config,aggregation",
+    [(None, "response_mean"), ("deepspeed_zero3.yaml", "token_mean")],
+    ids=["ddp-response_mean", "zero3-token_mean"],
+)
+def test_vicur_with_va_opd_and_vgs_equals_its_objective_in_two_processes(tmp_path, config, aggregation):
     # The cue teacher in every view, the student's cue-recovery module (trained from its identity start), VA-OPD's
-    # coefficients and VGS's terms, siblings split across ranks, student and teacher sharded under ZeRO-3
+    # coefficients and VGS's terms, siblings split across ranks, student and teacher sharded under ZeRO-3; token-mean
+    # normalises by the tokens of both ranks' rollouts
     result = launch_run(
         tmp_path, "--per_device", "2", "--accumulation", "3", "--method", "va_opd", "vgs", "vicur",
-        "--cues", "--cue_recovery", "--view", "drop", config=config,
+        "--cues", "--cue_recovery", "--view", "drop", "--loss_aggregation", aggregation, config=config,
     )  # fmt: skip
+    assert result["settings"]["loss_aggregation"] == aggregation
     ref = run_reference(result)
     assert_batch_is_complete_sibling_groups(ref["rows"], split_across_ranks=True)
     assert_va_matches(result, ref)
     assert_per_token_values_match(result, ref)
     assert result["log_history"][0]["loss"] == pytest.approx(ref["loss"], rel=1e-4)
     assert_update_is_minus_gradient(result, ref, lr=1.0)
-    module = [n for n in result["before"] if ".cue_recovery." in n]
+    module = [n for n in result["before"] if ".sink_" in n]
     assert module and any(not torch.equal(result["before"][n], result["after"][n]) for n in module)
 
 

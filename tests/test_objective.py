@@ -10,6 +10,7 @@ from trl_vaopd.objective import (
     mask_coefficients,
     rollout_weights,
     token_coefficients,
+    token_mean_coefficients,
     uniform_rollout_weights,
     va_mass_share,
     va_token_mask,
@@ -143,6 +144,31 @@ def test_both_switches_off_is_standard_opd():
     # Eq. 1: mean token KL within each response, then mean over responses
     per_response = (kl * mask).sum(1) / mask.sum(1)
     assert torch.isclose(loss, per_response.mean().to(loss.dtype))
+
+
+def test_token_mean_is_the_plain_mean_over_every_token_of_the_batch():
+    gen = torch.Generator().manual_seed(1)
+    kl = torch.rand(6, 9, generator=gen, dtype=torch.float64)
+    lengths = torch.tensor([9, 3, 5, 9, 1, 6])
+    mask = (torch.arange(9) < lengths.unsqueeze(1)).double()
+    groups = [0, 0, 0, 1, 1, 1]
+    c = token_coefficients(torch.zeros_like(kl), mask, uniform_rollout_weights(groups), group_tokens=False)
+    # The batch split in two (two processes or micro-batches), normalised by the whole batch's counts
+    halves = [token_mean_coefficients(c[r], mask[r], 6, int(mask.sum())) for r in (slice(0, 2), slice(2, 6))]
+    loss = sum(vaopd_loss(kl[r], h, num_prompts=2) for r, h in zip((slice(0, 2), slice(2, 6)), halves, strict=True))
+    # verl's token-mean: every valid token of the batch alike, 33 of them
+    assert torch.isclose(loss, (kl * mask).sum() / 33)
+    assert not torch.isclose(loss, ((kl * mask).sum(1) / mask.sum(1)).mean())
+
+
+def test_token_mean_scales_each_response_by_its_length_over_the_mean():
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.float64)
+    c = torch.tensor([[0.1, 0.1, 0.2, 0.2], [0.2, 0.2, 0.0, 0.0]], dtype=torch.float64)  # weights 0.6 and 0.4
+    out = token_mean_coefficients(c, mask, num_responses=2, num_tokens=6)
+    torch.testing.assert_close(out.sum(dim=1), torch.tensor([0.6 * 4 / 3, 0.4 * 2 / 3], dtype=torch.float64))
+    torch.testing.assert_close(out / c.clamp(min=1e-12) * (c > 0), (c > 0) * torch.tensor([[4 / 3], [2 / 3]]).double())
+    with pytest.raises(ValueError, match="must be > 0"):
+        token_mean_coefficients(c, mask, num_responses=2, num_tokens=0)
 
 
 def test_uniform_weights_with_grouping_differ_from_standard_opd():

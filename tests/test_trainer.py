@@ -10,20 +10,47 @@ from trl_vaopd import VAOPDTrainer
 from trl_vaopd.tiny_models import TINY_FAMILIES, build_model
 
 
-@pytest.mark.parametrize("per_device,accumulation", [(8, 1), (2, 4), (3, 1)])
-def test_update_is_minus_gradient_of_method_loss_for_every_layout(processors, tmp_path, per_device, accumulation):
+@pytest.mark.parametrize(
+    "per_device,accumulation,aggregation",
+    [
+        (8, 1, "response_mean"),
+        (2, 4, "response_mean"),
+        (3, 1, "response_mean"),
+        (8, 1, "token_mean"),
+        (2, 4, "token_mean"),
+    ],
+)
+def test_update_is_minus_gradient_of_method_loss_for_every_layout(
+    processors, tmp_path, per_device, accumulation, aggregation
+):
     if per_device == 3:
         # 3 x 1 does not hold whole sibling groups of 4: refused before any model is touched
         with pytest.raises(ValueError, match="whole groups of num_generations=4"):
             make_args(tmp_path, per_device_train_batch_size=3, gradient_accumulation_steps=accumulation)
         return
-    trainer, _, teacher, student = check_step_against_reference(
-        processors, tmp_path, per_device_train_batch_size=per_device, gradient_accumulation_steps=accumulation
+    # Token-mean differs from the response mean only with responses of different lengths: EOS made likelier
+    eos = processors["qwen3_vl"].tokenizer.eos_token_id
+    trainer, ref, teacher, student = check_step_against_reference(
+        processors,
+        tmp_path,
+        per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=accumulation,
+        loss_aggregation=aggregation,
+        generation_kwargs={"sequence_bias": [[[eos], 3.0]]} if aggregation == "token_mean" else None,
     )
     # Budget: the teacher scores each rollout under two views, and never again for the loss; the student runs once
     assert teacher.rollouts == 2 * 8 and student.rollouts == 8
     coefficients = cat(trainer._buffered_inputs, "vaopd_coefficients")
-    assert coefficients.sum().item() == pytest.approx(2.0, rel=1e-5)  # two prompts, each summing to one
+    mask = cat(trainer._buffered_inputs, "completion_mask")
+    if aggregation == "response_mean":
+        assert coefficients.sum().item() == pytest.approx(2.0, rel=1e-5)  # two prompts, each summing to one
+    else:
+        # Each response's weight times its length over the mean length: two prompts' worth again, length-weighted
+        weights = ref["weights"]
+        lengths = ref["mask"].sum(dim=1)
+        expected = (weights * lengths).sum() * 8 / lengths.sum()
+        assert coefficients.sum().item() == pytest.approx(expected.item(), rel=1e-5)
+        assert mask.sum() == lengths.sum() and not torch.allclose(lengths.double(), lengths.double().mean())
 
 
 @pytest.mark.parametrize(
@@ -104,6 +131,45 @@ def test_logs_va_metrics(processors, tmp_path):
     assert 0.1 <= logs["va/top10_share"] <= 1.0
     assert 0.2 <= logs["va/high_group_share"] <= 1.0
     assert 0 < logs["weights/min"] <= 0.25 <= logs["weights/max"] < 1
+
+
+def with_image_parts(dataset):
+    """TRL's multimodal prompt format: the image's place in the prompt is an `{"type": "image"}` part."""
+
+    def convert(row):
+        text = row["prompt"][0]["content"]
+        return {"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]}
+
+    return dataset.map(convert)
+
+
+@pytest.mark.parametrize("method,view", [("vgs", "drop"), (["va_opd", "vicur"], "drop"), ("va_opd", "pixelate")])
+def test_both_prompt_formats_train_the_same_step_under_every_view(processors, tmp_path, method, view):
+    plain = image_question_dataset(8, cues=True)
+    _, delta, _, _ = run_one_step(processors, tmp_path / "a", dataset=plain, method=method, counterfactual_view=view)
+    _, parts, _, _ = run_one_step(
+        processors, tmp_path / "b", dataset=with_image_parts(plain), method=method, counterfactual_view=view
+    )
+    for name, value in delta.items():
+        torch.testing.assert_close(parts[name], value, msg=name)
+
+
+def test_the_drop_view_refuses_prompts_that_are_only_images_before_compute(processors, tmp_path):
+    dataset = with_image_parts(image_question_dataset(8)).map(
+        lambda row, i: {"prompt": [{"role": "user", "content": [{"type": "image"}]}]} if i in (2, 5) else row,
+        with_indices=True,
+    )
+    processor = processors["qwen3_vl"]
+    with pytest.raises(
+        ValueError, match=r"2 row\(s\) of the 'prompt' column hold nothing else \(first indices: \[2, 5\]\)"
+    ):
+        VAOPDTrainer(
+            model=build_model("qwen3_vl", processor, "student"),
+            teacher_model=build_model("qwen3_vl", processor, "teacher", seed=1),
+            args=make_args(tmp_path, method="vgs", counterfactual_view="drop"),
+            train_dataset=dataset,
+            processing_class=processor,
+        )
 
 
 @pytest.mark.parametrize("method,view", [("va_opd", "pixelate"), ("vgs", "drop"), (["va_opd", "vgs"], "pixelate")])

@@ -207,15 +207,24 @@ def test_vicur_presets_the_cue_teacher_and_the_module(tmp_path):
     args = VAOPDConfig(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=4, method="vicur")
     assert args.use_cues and args.cue_recovery and not (args.rollout_weighting or args.token_grouping or args.vgs)
     assert args.cue_column == "cue" and args.cue_recovery_interval == 5
+    assert args.loss_aggregation == "token_mean"  # the authors' verl recipe
     composed = VAOPDConfig(
         output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=4, method=["va_opd", "vicur"]
     )
     assert composed.use_cues and composed.rollout_weighting and composed.token_grouping
+    assert composed.loss_aggregation == "response_mean"  # VA-OPD's weights and groups are per response
+    explicit = VAOPDConfig(
+        output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=4, method="vicur",
+        loss_aggregation="response_mean",
+    )  # fmt: skip
+    assert explicit.loss_aggregation == "response_mean"
+    with pytest.raises(ValueError, match="loss_aggregation must be one of response_mean, token_mean"):
+        VAOPDConfig(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=4, loss_aggregation="mean")
 
 
 # ------------------------------------------------------------------------------------------- the cue-recovery module
 def module_parameters(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if ".cue_recovery." in n}
+    return {n: p.detach().clone() for n, p in model.named_parameters() if ".sink_" in n}
 
 
 def full_sequence_inputs(batch: dict) -> dict:
@@ -268,8 +277,8 @@ def test_the_module_trains_next_to_a_lora_adapter_and_reloads_with_it(processors
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
     changed = {n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])}
-    assert any("lora_" in n for n in changed) and any(".cue_recovery." in n for n in changed)
-    assert all("lora_" in n or ".cue_recovery." in n for n in changed)  # nothing else moved
+    assert any("lora_" in n for n in changed) and any(".sink_" in n for n in changed)
+    assert all("lora_" in n or ".sink_" in n for n in changed)  # nothing else moved
     trainer.save_model(str(tmp_path / "adapter"))
     base = add_cue_recovery(build_model("qwen3_vl", processor, "student"), interval=5)
     reloaded = PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
@@ -290,7 +299,7 @@ def test_the_update_with_the_module_does_not_depend_on_the_split(processors, tmp
         gradient_accumulation_steps=4,
         **settings,
     )
-    assert any(d.abs().max() > 0 for n, d in whole.items() if ".cue_recovery." in n)
+    assert any(d.abs().max() > 0 for n, d in whole.items() if ".sink_" in n)
     for name, delta in whole.items():
         torch.testing.assert_close(split[name], delta, atol=1e-6, rtol=1e-4, msg=name)
 
@@ -299,7 +308,9 @@ def test_a_student_module_at_another_interval_is_refused(processors, tmp_path):
     from trl_vaopd.cue_recovery import add_cue_recovery
 
     processor = processors["qwen3_vl"]
-    with pytest.raises(ValueError, match="already carries a cue-recovery module every 1 layers"):
+    with pytest.raises(
+        ValueError, match=r"already carries a cue-recovery module after layers \[0, 1\] \(every 1 layers"
+    ):
         VAOPDTrainer(
             model=add_cue_recovery(build_model("qwen3_vl", processor, "student"), interval=1),
             teacher_model=build_model("qwen3_vl", processor, "teacher", seed=1),

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trl_vaopd.views import VIEW_NAMES, blank, blur, get_view, pixelate
+from trl_vaopd.views import VIEW_NAMES, blank, blur, drop_image_parts, get_view, pixelate, rows_without_text
 
 
 def _checker(size=(50, 30), mode="RGB"):
@@ -77,3 +77,16 @@ def test_unknown_view_name_is_refused_with_the_choices():
 def test_pixelate_ratio_range():
     with pytest.raises(ValueError, match="ratio"):
         pixelate(_checker(), 0.0)
+
+
+def test_drop_removes_image_parts_and_keeps_plain_text():
+    parts = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}, {"type": "image"}]},
+    ]
+    dropped = drop_image_parts(parts)
+    assert dropped == [parts[0], {"role": "user", "content": [{"type": "text", "text": "What?"}]}]
+    assert len(parts[1]["content"]) == 3  # the row itself is untouched
+    assert rows_without_text(
+        [parts, [{"role": "user", "content": [{"type": "image"}]}], [{"role": "user", "content": " "}]]
+    ) == [1, 2]

@@ -8,7 +8,7 @@ import torch
 from trl import DistillationConfig
 from trl.import_utils import is_vllm_available
 
-from .objective import VA_TOKEN_MASKS
+from .objective import LOSS_AGGREGATIONS, VA_TOKEN_MASKS
 from .privileged import DEFAULT_CUE_TEMPLATE
 from .views import VIEW_NAMES
 
@@ -101,6 +101,16 @@ class VAOPDConfig(DistillationConfig):
             estimate of the reverse KL, whose gradient is `-A_t * grad log p_S(y_t)` with
             `A_t = log p_T(y_t) - log p_S(y_t)`; the full KL is its exact expectation. Needs `beta=1.0` and VGS off;
             the teacher's hidden states are then not kept.
+        loss_aggregation (`str`, *optional*):
+            How the per-token losses of a generation batch are averaged. `"response_mean"`: each response's mean
+            token loss (its coefficients summing to its rollout weight), then the mean over responses and prompts
+            (TRL GRPO's `loss_type="grpo"` normalisation). `"token_mean"`: every valid token of the generation batch
+            weighs alike, each response's coefficients scaled by its token count over the batch's mean (TRL GRPO's
+            `loss_type="dapo"` normalisation, verl's `token-mean`). Either way the normalisers are counted over the
+            whole generation batch, so the update does not depend on its split over micro-batches, accumulation
+            steps and processes. Defaults to `"token_mean"` for `method="vicur"` alone (the ViCuR authors' recipe)
+            and `"response_mean"` otherwise (VA-OPD's rollout weights and token groups, and VGS's sequence mean,
+            are defined per response).
 
         prefix_sharing (`bool`, *optional*, defaults to `True`):
             Whether sibling rollouts, which share their prompt (image included), run it once per model pass: the prompt
@@ -234,6 +244,14 @@ class VAOPDConfig(DistillationConfig):
             "choices": list(KL_ESTIMATORS),
         },
     )
+    loss_aggregation: str | None = field(
+        default=None,
+        metadata={
+            "help": "Average the per-token losses per response ('response_mean') or over all tokens ('token_mean'); "
+            "default: token_mean for method vicur alone, else response_mean.",
+            "choices": list(LOSS_AGGREGATIONS),
+        },
+    )
     prefix_sharing: bool = field(
         default=True,
         metadata={"help": "Run each sibling group's shared prompt once per model pass, where that is exact."},
@@ -297,6 +315,11 @@ class VAOPDConfig(DistillationConfig):
             (self.cue_recovery_interval >= 1, "cue_recovery_interval", "must be >= 1"),
             ("{cue}" in self.cue_template, "cue_template", "must contain '{cue}'"),
             (self.kl_estimator in KL_ESTIMATORS, "kl_estimator", f"must be one of {', '.join(KL_ESTIMATORS)}"),
+            (
+                self.loss_aggregation in LOSS_AGGREGATIONS,
+                "loss_aggregation",
+                f"must be one of {', '.join(LOSS_AGGREGATIONS)}",
+            ),
         ]
         for ok, name, rule in checks:
             if not ok:
@@ -377,6 +400,8 @@ class VAOPDConfig(DistillationConfig):
         for switch in ("rollout_weighting", "token_grouping", "vgs", "use_cues", "cue_recovery"):
             if getattr(self, switch) is None:
                 setattr(self, switch, switch in components)
+        if self.loss_aggregation is None:
+            self.loss_aggregation = "token_mean" if self.method == ["vicur"] else "response_mean"
 
     @property
     def needs_counterfactual(self) -> bool:

@@ -52,6 +52,7 @@ from .objective import (
     rollout_weights,
     sampled_token_kl,
     token_coefficients,
+    token_mean_coefficients,
     uniform_rollout_weights,
     va_mass_share,
     va_token_mask,
@@ -63,7 +64,7 @@ from .objective import (
 )
 from .prefix_sharing import prefix_groups, prefix_sharing_support, shared_prefix_hidden_states
 from .privileged import teacher_prompt, validate_privileged_columns
-from .views import CounterfactualView, get_view
+from .views import CounterfactualView, drop_image_parts, get_view, rows_without_text
 from .vocabulary import compared_vocab_size, load_tokenizer_of
 
 
@@ -248,6 +249,8 @@ class VAOPDTrainer(DistillationTrainer):
             counterfactual_view if counterfactual_view is not None else args.counterfactual_view,
             args.pixelate_ratio,
         )
+        if args.needs_counterfactual and not self.counterfactual_view.keeps_layout:
+            self._check_text_without_images(args, train_dataset, eval_dataset)
         teacher_model, teacher_tokenizer = self._load_teacher(teacher_model, args)
 
         # The base would refuse teachers whose output head is padded to another size than the student's: the teacher
@@ -309,12 +312,14 @@ class VAOPDTrainer(DistillationTrainer):
         args, model = self.args, self.model
         base = model.get_base_model() if isinstance(model, PeftModel) else model
         if has_cue_recovery(base):
-            interval = base.config.cue_recovery["interval"]
-            if interval != args.cue_recovery_interval:
+            # Layers, not intervals: a checkpoint with one module layer records any interval past its depth
+            layers = base.config.cue_recovery["layers"]
+            if layers != list(range(0, base.config.get_text_config().num_hidden_layers, args.cue_recovery_interval)):
                 raise ValueError(
-                    f"The student already carries a cue-recovery module every {interval} layers, but "
-                    f"VAOPDConfig.cue_recovery_interval={args.cue_recovery_interval}. Set cue_recovery_interval="
-                    f"{interval}, or pass the student without the module."
+                    f"The student already carries a cue-recovery module after layers {layers} (every "
+                    f"{base.config.cue_recovery['interval']} layers), but VAOPDConfig.cue_recovery_interval="
+                    f"{args.cue_recovery_interval}. Set cue_recovery_interval={base.config.cue_recovery['interval']}, "
+                    "or pass the student without the module."
                 )
         if args.use_vllm:
             raise ValueError(
@@ -328,6 +333,25 @@ class VAOPDTrainer(DistillationTrainer):
             config = model.peft_config[adapter]
             config.modules_to_save = [*(config.modules_to_save or []), *cue_recovery_modules_to_save(base)]
             set_additional_trainable_modules(model.base_model, config, BaseTuner.get_model_config(model), adapter)
+
+    @staticmethod
+    def _check_text_without_images(args: VAOPDConfig, *datasets) -> None:
+        """The "drop" view shows the prompts (the student's, and the teacher's own) without their images: refuse rows
+        that would have no text left, before any compute."""
+        columns = ["prompt"]
+        if args.use_cues and args.teacher_prompt_column:
+            columns.append(args.teacher_prompt_column)
+        for dataset in datasets:
+            for ds in dataset.values() if isinstance(dataset, dict) else [dataset]:
+                for column in columns if ds is not None else []:
+                    empty = rows_without_text(ds[column])
+                    if empty:
+                        raise ValueError(
+                            f"counterfactual_view='drop' shows the prompts without their images, but {len(empty)} "
+                            f"row(s) of the '{column}' column hold nothing else (first indices: {empty[:5]}). Add "
+                            "the question's text to those rows, or use a pixel view such as "
+                            "counterfactual_view='pixelate'."
+                        )
 
     @staticmethod
     def _load_teacher(teacher_model, args: VAOPDConfig):
@@ -451,7 +475,7 @@ class VAOPDTrainer(DistillationTrainer):
         batch entries (`_CF_*` keys) beside the original view's inputs `rows`."""
         view = self.counterfactual_view
         if not view.keeps_layout:
-            text_only = self._prompt_inputs([copy.deepcopy(c) for c in conversations], rows["completion_ids"])
+            text_only = self._prompt_inputs([drop_image_parts(c) for c in conversations], rows["completion_ids"])
             return {_CF_PROMPT_IDS: text_only["prompt_ids"], _CF_PROMPT_MASK: text_only["prompt_mask"]}
         prompts = [
             prepare_multimodal_messages(copy.deepcopy(c), images=[view(img) for img in row_images(x)])
@@ -663,6 +687,11 @@ class VAOPDTrainer(DistillationTrainer):
             masked = va_token_mask(va, mask, args.va_token_mask, args.va_token_mask_fraction, self._tie_breaker(mask))
             coefficients = mask_coefficients(coefficients, mask, masked)
             self._log_pooled_share(mode, "mask/va_share", va, masked)
+        if args.loss_aggregation == "token_mean":
+            # Counted over the whole generation batch, so every split of it sums to the same loss
+            counts = self.accelerator.gather(torch.stack([mask.new_tensor(mask.size(0)), mask.sum()])).view(-1, 2)
+            responses, tokens = counts.sum(dim=0).tolist()
+            coefficients = token_mean_coefficients(coefficients, mask, responses, tokens)
         if args.kl_estimator == "sampled_token":
             batch[_TEACHER_LOGP] = scores.logp
         else:

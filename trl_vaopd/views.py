@@ -11,11 +11,21 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from PIL import Image, ImageFilter, ImageStat
 
 
-__all__ = ["VIEW_NAMES", "CounterfactualView", "blank", "blur", "get_view", "pixelate"]
+__all__ = [
+    "VIEW_NAMES",
+    "CounterfactualView",
+    "blank",
+    "blur",
+    "drop_image_parts",
+    "get_view",
+    "pixelate",
+    "rows_without_text",
+]
 
 VIEW_NAMES = ("pixelate", "blur", "blank", "drop")
 
@@ -108,3 +118,31 @@ def get_view(view: str | Callable[[Image.Image], Image.Image], pixelate_ratio: f
         f"Unknown counterfactual_view {view!r}. Use one of {', '.join(VIEW_NAMES)}, or pass a callable "
         "image -> image (same size) as the trainer's `counterfactual_view` argument."
     )
+
+
+def drop_image_parts(conversation: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The "drop" view of a conversational prompt, as new messages: its `{"type": "image"}` parts removed with the
+    images (plain-text content, where TRL would insert the images, is kept as it is)."""
+    return [
+        {
+            **m,
+            "content": [dict(p) for p in m["content"] if p.get("type") != "image"]
+            if isinstance(m["content"], list)
+            else m["content"],
+        }
+        for m in conversation
+    ]
+
+
+def _has_text(conversation: list[dict[str, Any]]) -> bool:
+    for message in conversation:
+        content = message["content"]
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        if any(p.get("type") == "text" and str(p.get("text") or "").strip() for p in parts):
+            return True
+    return False
+
+
+def rows_without_text(prompts: list[list[dict[str, Any]]]) -> list[int]:
+    """Indices of the prompts that hold no text besides their images: the "drop" view cannot express them."""
+    return [i for i, prompt in enumerate(prompts) if not _has_text(prompt)]

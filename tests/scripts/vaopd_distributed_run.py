@@ -65,6 +65,7 @@ _OBJECTIVE_SETTINGS = (
     "vgs_lp_quantile",
     "vgs_adaptive_gamma",
     "vgs_adaptive_gamma_quantiles",
+    "loss_aggregation",
 )
 
 
@@ -110,6 +111,7 @@ def main() -> None:
     # ViCuR: a cue column (`conftest.cue`) for the teacher, and the student's cue-recovery module
     parser.add_argument("--cues", action="store_true")
     parser.add_argument("--cue_recovery", action="store_true")
+    parser.add_argument("--loss_aggregation", default=None)
     # A random tiny model almost never samples EOS; a logit bias gives completions of varied lengths (and masks)
     parser.add_argument("--eos_bias", type=float, default=3.0)
     cli = parser.parse_args()
@@ -144,6 +146,7 @@ def main() -> None:
         counterfactual_view=cli.view,
         use_cues=cli.cues,
         cue_recovery=cli.cue_recovery,
+        loss_aggregation=cli.loss_aggregation,
     )
     peft_config = None
     if cli.lora:

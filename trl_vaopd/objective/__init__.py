@@ -5,10 +5,12 @@
 - `trl_vaopd.objective.vgs`: VGS (VGS.md): the four per-token terms, the language-prior mask, adaptive gamma and
   the loss, composable with VA-OPD's coefficients.
 - `trl_vaopd.objective.vicur`: ViCuR's sampled-token estimate of the reverse KL (VICUR.md section 3).
+- `trl_vaopd.objective.aggregation`: how the per-token losses are averaged (per response, or over all tokens alike).
 
 Everything public is importable from `trl_vaopd.objective` directly.
 """
 
+from .aggregation import LOSS_AGGREGATIONS, token_mean_coefficients
 from .va_opd import (
     VA_TOKEN_MASKS,
     group_index,
@@ -37,6 +39,7 @@ from .vicur import sampled_token_kl
 
 
 __all__ = [
+    "LOSS_AGGREGATIONS",
     "VA_TOKEN_MASKS",
     "VGSTerms",
     "adaptive_gamma",
@@ -48,6 +51,7 @@ __all__ = [
     "rollout_weights",
     "sampled_token_kl",
     "token_coefficients",
+    "token_mean_coefficients",
     "uniform_rollout_weights",
     "va_mass_share",
     "va_token_mask",
