@@ -73,7 +73,7 @@ from trl_vaopd import VAOPDConfig, VAOPDTrainer
 from trl_vaopd.tiny_models import TINY_FAMILIES, save_tiny_vlm
 
 
-# The paper's models (METHOD.md section 7)
+# The VA-OPD paper's models (`docs/methods/va_opd.md`, "The paper's recipe and claims")
 DEFAULT_STUDENT = "Qwen/Qwen3-VL-2B-Instruct"
 DEFAULT_TEACHER = "Qwen/Qwen3-VL-8B-Instruct"
 
