@@ -133,9 +133,7 @@ def test_no_tracked_file_cites_the_unpublished_specifications():
             text = (ROOT / name).read_text(encoding="utf-8")
         except UnicodeDecodeError:
             continue  # binary (figures)
-        citing += [
-            f"{name}:{text.count(chr(10), 0, m.start()) + 1}: {m.group(0)}" for m in UNPUBLISHED.finditer(text)
-        ]
+        citing += [f"{name}:{text.count(chr(10), 0, m.start()) + 1}: {m.group(0)}" for m in UNPUBLISHED.finditer(text)]
     assert not citing, (
         "These cite specification files that are not in the repository; cite docs/methods/ instead:\n"
         + "\n".join(citing)
