@@ -104,7 +104,8 @@ def _stack(rows: list[Rollout], values: list[torch.Tensor]) -> torch.Tensor:
 def reference(
     rows: list[Rollout], student, teacher, processor, args, cues: dict[int, str] | None = None, va=None
 ) -> dict:
-    """METHOD.md's (and VGS.md's) quantities and loss `L` for `args`, over the rollouts `rows` (the whole batch).
+    """VA-OPD's (and VGS's) quantities and loss `L` for `args` (docs/methods/), over the rollouts `rows` (the whole
+    batch).
 
     With `cues` (picture -> cue), the teacher reads the question followed by `"\n[Hint]: <cue>"` in every view.
     With `va` (`(N, T)`, a run's own visual advantages, compared with the reference's at float32 tolerance

@@ -1,5 +1,6 @@
-"""ViCuR's cue-recovery module (VICUR.md section 2): only the sink row changes, prefill only, trainable (also next to
-LoRA), saved and loaded, used by `generate`, refused where the image tokens are unknown; its size on Qwen3-VL-2B."""
+"""ViCuR's cue-recovery module (docs/methods/vicur.md, "The cue-recovery module"): only the sink row changes, prefill
+only, trainable (also next to LoRA), saved and loaded, used by `generate`, refused where the image tokens are unknown;
+its size on Qwen3-VL-2B."""
 
 from functools import partial
 

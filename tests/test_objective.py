@@ -1,4 +1,4 @@
-"""Analytic tests of the VA-OPD objective (METHOD.md sections 2-5)."""
+"""Analytic tests of the VA-OPD objective (docs/methods/va_opd.md, "Visual advantage" to "Worked example")."""
 
 import math
 

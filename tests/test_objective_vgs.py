@@ -1,4 +1,4 @@
-"""Analytic tests of the VGS objective (VGS.md): the worked example, gradient routing, the quantile masks."""
+"""Analytic tests of the VGS objective (docs/methods/vgs.md): the worked example, gradient routing, quantile masks."""
 
 import pytest
 import torch
@@ -22,7 +22,7 @@ def _worked_example():
     return logits(1, 0, -1), logits(0.5, 0.5, 0), logits(2, 0, 0), logits(0, 1, 0)
 
 
-def test_worked_example_of_vgs_md():
+def test_worked_example_of_the_vgs_page():
     terms = vgs_token_terms(*_worked_example(), torch.ones(1, 1))
     assert terms.standard.item() == pytest.approx(0.076667, abs=1e-6)
     assert terms.language.item() == pytest.approx(0.093425, abs=1e-6)

@@ -74,7 +74,8 @@ def test_vgs_update_is_minus_gradient_of_its_objective_for_every_layout(
         per_device_train_batch_size=per_device,
         gradient_accumulation_steps=accumulation,
     )
-    # Budget (VGS.md): two teacher passes per rollout, with and without the image, and two student passes
+    # Budget (docs/methods/vgs.md, "Cost"): two teacher passes per rollout, with and without the image, and two
+    # student passes
     assert teacher.rollouts == 2 * 8 and student.rollouts == 2 * 8
     # The LP mask (checked above against the quantile over the whole generation batch) holds some tokens, not all
     assert 0 < ref["lp"].sum() < ref["mask"].sum()

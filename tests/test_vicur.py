@@ -1,5 +1,6 @@
-"""ViCuR's privileged teacher (VICUR.md sections 1 and 3): the teacher reads a cue the student never sees, in every
-view it runs; composed with VA-OPD and VGS; the sampled-token estimator; bad input."""
+"""ViCuR's privileged teacher (docs/methods/vicur.md, "The cue teacher" and "The objective"): the teacher reads a
+cue the student never sees, in every view it runs; composed with VA-OPD and VGS; the sampled-token estimator; bad
+input."""
 
 import copy
 

@@ -1,4 +1,4 @@
-"""Counterfactual views (METHOD.md section 1)."""
+"""Counterfactual views (docs/methods/va_opd.md, "The two teacher views")."""
 
 import numpy as np
 import pytest

@@ -306,7 +306,7 @@ def vgs_divergences(
     mask: torch.Tensor,
     temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """VGS's three divergences per token from hidden states, token-chunked (VGS.md; reference:
+    """VGS's three divergences per token from hidden states, token-chunked (`docs/methods/vgs.md`; reference:
     `trl_vaopd.objective.vgs_token_terms`).
 
     Gradients flow into both student hidden states and the student head: `KL(p || q)` and `KL(p || q*)` through `p`,

@@ -151,9 +151,9 @@ class VAOPDConfig(DistillationConfig):
         > Parameters of the analyses
 
         va_token_mask (`str`, *optional*):
-            The paper's masking analysis (METHOD.md section 8): take the `"top"` (highest-VA), `"low"` (lowest-VA) or
-            `"random"` tokens of each response out of the KL, the rest averaged as in standard OPD. Needs
-            `token_grouping=False`. `None` masks nothing.
+            The VA-OPD paper's masking analysis (`docs/methods/va_opd.md`, "The masking analysis"): take the
+            `"top"` (highest-VA), `"low"` (lowest-VA) or `"random"` tokens of each response out of the KL, the rest
+            averaged as in standard OPD. Needs `token_grouping=False`. `None` masks nothing.
         va_token_mask_fraction (`float`, *optional*, defaults to `0.1`):
             Fraction of each response's valid tokens masked (at least one token stays), in `(0, 1)`.
         log_va_metrics (`bool`, *optional*, defaults to `False`):

@@ -1,4 +1,4 @@
-"""Write ViCuR's cue column (VICUR.md section 1) for a dataset with any vision-language model.
+"""Write ViCuR's cue column for a dataset with any vision-language model (`docs/methods/vicur.md`, "Writing cues").
 
 A cue is a short text describing the question-relevant visual evidence of the row's own image, without the answer:
 the privileged teacher reads it, the student never does. The ViCuR paper builds cues with "an LLM-based pipeline with

@@ -1,4 +1,6 @@
-"""Privileged teacher prompts (ViCuR, VICUR.md section 1): the teacher sees a text cue the student does not.
+"""Privileged teacher prompts (ViCuR): the teacher sees a text cue the student does not.
+
+See `docs/methods/vicur.md`, "The cue teacher".
 
 A cue describes the question-relevant visual evidence of the row's own image ("The diagram shows a circle with two
 intersecting chords..."). The teacher's prompt is the student's with the cue appended to the last user turn in the

@@ -1,4 +1,6 @@
-"""Counterfactual image views: the image with its fine-grained detail removed (METHOD.md section 1).
+"""Counterfactual image views: the image with its fine-grained detail removed.
+
+See `docs/methods/va_opd.md`, "The two teacher views".
 
 The teacher scores every sampled token under the original image and under one of these views; the positive gap is
 the token's visual advantage. Pixel views keep the image size, so the processor yields the same image grid and the

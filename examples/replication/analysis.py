@@ -5,12 +5,12 @@ tokens carry most of it, and the visual signal drowns among them. `kl_va_alignme
 rollouts of a student: how much of the KL mass sits on the tokens that depend on the image (every number in these
 tasks' answers depends on the image), and how many tokens those are.
 
-VA (METHOD.md section 2) is measured on the *sampled* token: it is large where the student sampled a token that the
-teacher supports only with the image. The KL at a position compares full distributions, so it is large where the
-student is wrong. `kl_va_alignment` measures both on fresh rollouts of a student, per token, and reports how much of
-the KL mass the 10% highest-VA, 10% lowest-VA and 10% random tokens of each response hold (the three KL masks of the
-replication), how much sits on the numbers read off the figure, and VA and KL at the width token when the student's
-width is right and when it is wrong.
+VA (`docs/methods/va_opd.md`, "Visual advantage") is measured on the *sampled* token: it is large where the student
+sampled a token that the teacher supports only with the image. The KL at a position compares full distributions, so
+it is large where the student is wrong. `kl_va_alignment` measures both on fresh rollouts of a student, per token,
+and reports how much of the KL mass the 10% highest-VA, 10% lowest-VA and 10% random tokens of each response hold
+(the three KL masks of the replication), how much sits on the numbers read off the figure, and VA and KL at the
+width token when the student's width is right and when it is wrong.
 """
 
 from __future__ import annotations

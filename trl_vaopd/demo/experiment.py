@@ -5,7 +5,7 @@
 
 | method           | `VAOPDConfig` settings                                 | what the loss is                            |
 |------------------|--------------------------------------------------------|---------------------------------------------|
-| `opd`            | `method="opd"`                                         | standard OPD (METHOD.md section 6)          |
+| `opd`            | `method="opd"`                                         | standard OPD (`docs/methods/va_opd.md`)     |
 | `vaopd`          | `method="va_opd"`                                      | VA-OPD: rollout weighting + token grouping  |
 | `weighting_only` | `method="va_opd", token_grouping=False`                | rollout weighting alone                     |
 | `grouping_only`  | `method="va_opd", rollout_weighting=False`             | token grouping alone                        |

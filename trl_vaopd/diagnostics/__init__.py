@@ -1,10 +1,10 @@
 """Diagnostics of visual reliance: per-token visual advantage (VA) of any model, heatmaps, VA concentration, and a
 training callback that tracks the student's own visual reliance.
 
-The per-token VA of METHOD.md section 2 is defined with the teacher as scorer, but the same quantity measures any
-model's reliance on fine visual detail: score a response under the original image and under a counterfactual view
-(the image without its fine detail, or no image) and keep the positive log-probability gap of every token. This
-package measures and draws it the ways the paper does, one module per idea:
+The per-token VA (`docs/methods/va_opd.md`, "Visual advantage") is defined with the teacher as scorer, but the same
+quantity measures any model's reliance on fine visual detail: score a response under the original image and under a
+counterfactual view (the image without its fine detail, or no image) and keep the positive log-probability gap of
+every token. This package measures and draws it the ways the paper does, one module per idea:
 
 - [`score_visual_advantage`] / [`score_many`]: per-token VA of (image, prompt, response) triples under any model;
 - [`va_heatmap_html`] / [`va_heatmap_png`]: one response under several models side by side (the paper's Figure 6);

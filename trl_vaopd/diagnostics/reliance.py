@@ -48,7 +48,7 @@ def _eos_ids(model: PreTrainedModel, tokenizer: Any) -> set[int]:
 
 
 def _cut_at_eos(ids: list[int], eos: set[int]) -> list[int]:
-    # METHOD.md's valid tokens: up to and including the first EOS; a truncated response keeps every token
+    # Valid tokens (`docs/methods/va_opd.md`): up to and including the first EOS; a truncated response keeps all
     for position, token in enumerate(ids):
         if token in eos:
             return ids[: position + 1]

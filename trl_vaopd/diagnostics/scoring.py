@@ -1,6 +1,6 @@
 """Per-token visual advantage (VA) of any model: (image, prompt, response) triples scored under the original image and a
-counterfactual view, keeping each token's positive log-probability gap (METHOD.md section 2, with any model as
-scorer)."""
+counterfactual view, keeping each token's positive log-probability gap (VA-OPD's VA, `docs/methods/va_opd.md`, with any
+model as scorer)."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ class TokenVA:
 
     @property
     def mean_va(self) -> float:
-        """Mean VA per token of the response (the `m_k` of METHOD.md section 3 when the teacher scores)."""
+        """Mean VA per token of the response (VA-OPD's `m_k` when the teacher scores)."""
         return float(self.va.double().mean()) if len(self) else 0.0
 
 
@@ -192,7 +192,7 @@ def score_many(
     """Per-token visual advantage of many responses under one model, in batches.
 
     Each row is scored twice with the same prompt and response: with its image(s), and with the counterfactual view
-    of each image (`"drop"`: no image at all). The gap is METHOD.md's VA with `model` as the scorer: the teacher's VA
+    of each image (`"drop"`: no image at all). The gap is VA-OPD's VA with `model` as the scorer: the teacher's VA
     when `model` is the teacher, a student's own visual reliance when it is a student.
 
     Args:
@@ -207,7 +207,7 @@ def score_many(
             ids to score as they are (e.g. sampled completions).
         view: counterfactual view: `"pixelate"`, `"blur"`, `"blank"`, `"drop"` or a callable image -> image.
         pixelate_ratio: side-length ratio of the `"pixelate"` view.
-        temperature: probability temperature of the log-probabilities (METHOD.md: 1).
+        temperature: probability temperature of the log-probabilities (VA-OPD: 1).
         batch_size: rows per forward pass.
 
     Returns:

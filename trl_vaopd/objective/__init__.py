@@ -1,10 +1,12 @@
 """The objectives as pure tensor functions, one module per method; they know nothing of trainers or processes.
 
-- `trl_vaopd.objective.va_opd`: VA-OPD (METHOD.md): visual advantage, rollout weights, token coefficients, the loss,
-  and the paper's VA masking analysis. Standard OPD is its special case with both components off.
-- `trl_vaopd.objective.vgs`: VGS (VGS.md): the four per-token terms, the language-prior mask, adaptive gamma and
-  the loss, composable with VA-OPD's coefficients.
-- `trl_vaopd.objective.vicur`: ViCuR's sampled-token estimate of the reverse KL (VICUR.md section 3).
+- `trl_vaopd.objective.va_opd`: VA-OPD (`docs/methods/va_opd.md`): visual advantage, rollout weights, token
+  coefficients, the loss, and the paper's VA masking analysis. Standard OPD is its special case with both components
+  off.
+- `trl_vaopd.objective.vgs`: VGS (`docs/methods/vgs.md`): the four per-token terms, the language-prior mask, adaptive
+  gamma and the loss, composable with VA-OPD's coefficients.
+- `trl_vaopd.objective.vicur`: ViCuR's sampled-token estimate of the reverse KL (`docs/methods/vicur.md`, "The
+  objective").
 - `trl_vaopd.objective.aggregation`: how the per-token losses are averaged (per response, or over all tokens alike).
 
 Everything public is importable from `trl_vaopd.objective` directly.

@@ -1,9 +1,10 @@
-"""The VA-OPD objective (METHOD.md) as pure tensor functions.
+"""The VA-OPD objective (`docs/methods/va_opd.md`) as pure tensor functions.
 
-Everything here follows the specification (METHOD.md, sections 2-5) and knows nothing of trainers, models or
-processes: callers hand in per-token teacher log-probabilities, masks and sibling-group ids, and get back visual
-advantages, rollout weights and per-token loss coefficients. Shapes: `N` responses (rollouts), `T` completion
-positions; masks are `1` on valid tokens (generated tokens up to and including the first EOS).
+Everything here follows the method's equations (`docs/methods/va_opd.md`, "Visual advantage" to "The loss") and
+knows nothing of trainers, models or processes: callers hand in per-token teacher log-probabilities, masks and
+sibling-group ids, and get back visual advantages, rollout weights and per-token loss coefficients. Shapes: `N`
+responses (rollouts), `T` completion positions; masks are `1` on valid tokens (generated tokens up to and including
+the first EOS).
 """
 
 from __future__ import annotations
@@ -28,14 +29,14 @@ __all__ = [
     "visual_advantage",
 ]
 
-#: Which tokens the masking analysis of METHOD.md section 8 takes out of the KL.
+#: Which tokens the masking analysis (`docs/methods/va_opd.md`, "The masking analysis") takes out of the KL.
 VA_TOKEN_MASKS = ("top", "low", "random")
 
 
 def visual_advantage(
     logp_original: torch.Tensor, logp_counterfactual: torch.Tensor, mask: torch.Tensor
 ) -> torch.Tensor:
-    """Per-token visual advantage `a_t = max(log p_T(y_t | v) - log p_T(y_t | v~), 0)` (METHOD.md section 2).
+    """Per-token visual advantage `a_t = max(log p_T(y_t | v) - log p_T(y_t | v~), 0)` (section "Visual advantage").
 
     Args:
         logp_original: `(N, T)` teacher log-probabilities of the sampled tokens with the original image.
@@ -75,7 +76,7 @@ def rollout_weights(
     temperature: float = 1.0,
     eps: float = 1e-6,
 ) -> torch.Tensor:
-    """Rollout weights from the relative mean VA of sibling responses (METHOD.md section 3).
+    """Rollout weights from the relative mean VA of sibling responses (section "Rollout weights").
 
     Within each group of siblings (responses to the same prompt): `z_k = (m_k - mean_j m_j) / (std_j m_j + eps)` with
     the population standard deviation, then `w_k = softmax_k(z_k / temperature)`. Each group's weights sum to 1; equal
@@ -127,7 +128,7 @@ def _num_high(n_valid: torch.Tensor, high_fraction: float) -> torch.Tensor:
 
 
 def high_va_mask(va: torch.Tensor, mask: torch.Tensor, high_fraction: float = 0.2) -> torch.Tensor:
-    """The high-VA token group `V` of each response (METHOD.md section 4).
+    """The high-VA token group `V` of each response (section "Token groups").
 
     `V` holds the top `ceil(high_fraction * n)` valid tokens of a response with `n` valid tokens, ranked by VA; ties
     go to the earlier position.
@@ -155,7 +156,7 @@ def token_coefficients(
     *,
     group_tokens: bool = True,
 ) -> torch.Tensor:
-    """Per-token loss coefficients `c_t` (METHOD.md section 4).
+    """Per-token loss coefficients `c_t` (section "Token groups").
 
     With token grouping, `c_t = w_k * high_weight / |V|` on the high-VA group `V` and `w_k * (1 - high_weight) / |L|`
     on the rest `L`; when `L` is empty (one valid token, or `high_fraction = 1`) all of `w_k` is spread over `V`.
@@ -193,7 +194,7 @@ def token_coefficients(
 
 
 def vaopd_loss(per_token_kl: torch.Tensor, coefficients: torch.Tensor, num_prompts: float) -> torch.Tensor:
-    """`L = (1 / B) * sum_t c_t * KL_t` over all responses and valid tokens (METHOD.md section 5).
+    """`L = (1 / B) * sum_t c_t * KL_t` over all responses and valid tokens (section "The loss").
 
     `coefficients` must be zero on invalid positions (as `token_coefficients` returns them); they carry no gradient.
     """
@@ -220,7 +221,7 @@ def va_mass_share(va: torch.Tensor, mask: torch.Tensor, fraction: float = 0.1) -
 def va_token_mask(
     va: torch.Tensor, mask: torch.Tensor, mode: str, fraction: float, tie_breaker: torch.Tensor
 ) -> torch.Tensor:
-    """The tokens the paper's masking analysis (METHOD.md section 8) takes out of each response's KL.
+    """The tokens the paper's masking analysis (section "The masking analysis") takes out of each response's KL.
 
     Each response with `n` valid tokens loses `min(ceil(fraction * n), n - 1)` of them (at least one token stays):
     the highest-VA ones (`"top"`), the lowest-VA ones (`"low"`) or random ones (`"random"`). Ties are broken by

@@ -1,4 +1,4 @@
-"""Visual Gradient Steering (VGS, decomposed on-policy distillation; VGS.md) as pure tensor functions.
+"""Visual Gradient Steering (VGS, decomposed on-policy distillation; `docs/methods/vgs.md`) as pure tensor functions.
 
 Four next-token distributions per valid position: the student with the image `p` and without it `pbar` (both with
 gradient), the teacher with the image `q` and without it `qbar`. "Without the image" is a counterfactual view. The
@@ -78,7 +78,7 @@ def vgs_token_terms(
         teacher_logits: `(N, T, V)` teacher logits with the image (`q`).
         teacher_cf_logits: `(N, T, V)` teacher logits under the counterfactual view (`qbar`).
         mask: `(N, T)` valid-token mask.
-        temperature: softmax temperature of all four distributions (VGS.md: 1).
+        temperature: softmax temperature of all four distributions (the paper: 1).
 
     Returns:
         `VGSTerms(standard, visual, language, vds)`, each `(N, T)`, zero on invalid positions.
@@ -125,7 +125,7 @@ def valid_quantile(values: torch.Tensor, mask: torch.Tensor, quantile: float) ->
 
 
 def lp_mask(vds: torch.Tensor, mask: torch.Tensor, quantile: float = 0.7) -> torch.Tensor:
-    """Language-prior mask `M_t = 1[VDS_t > Q_quantile]` (VGS.md), the quantile over every valid token given.
+    """Language-prior mask `M_t = 1[VDS_t > Q_quantile]` (section "The terms"), the quantile over all valid tokens.
 
     The quantile must be taken over the whole generation batch (all micro-batches and processes), so that the loss
     does not depend on how the batch is split: pass the gathered batch.
@@ -139,7 +139,7 @@ def lp_mask(vds: torch.Tensor, mask: torch.Tensor, quantile: float = 0.7) -> tor
 def adaptive_gamma(
     vds: torch.Tensor, mask: torch.Tensor, gamma: float, quantiles: Sequence[float] = (0.4, 0.7)
 ) -> torch.Tensor:
-    """Per-token `gamma_t` of VGS's adaptive variant (VGS.md, Appendix E), quantiles over every valid token given.
+    """Per-token `gamma_t` of VGS's adaptive variant (section "The loss"), quantiles over every valid token given.
 
     `gamma_t = 0` where `VDS_t <= Q_low`, `gamma / 2` where `Q_low < VDS_t <= Q_high`, `gamma` above `Q_high`.
 
@@ -163,7 +163,7 @@ def vgs_token_loss(
     lp: torch.Tensor,
     lam: float,
 ) -> torch.Tensor:
-    """Per-token VGS loss `l_t = l_std + gamma_t * l_vis + lambda * M_t * l_lang` (VGS.md, Eq. 16).
+    """Per-token VGS loss `l_t = l_std + gamma_t * l_vis + lambda * M_t * l_lang` (the paper's Eq. 16).
 
     Args:
         standard, visual, language: `(N, T)` terms (`VGSTerms` fields, or the chunked path's).
@@ -176,10 +176,10 @@ def vgs_token_loss(
 
 
 def vgs_loss(token_loss: torch.Tensor, coefficients: torch.Tensor, num_prompts: float, eta: float) -> torch.Tensor:
-    """`L = eta * (1 / B) * sum_t c_t * l_t` (VGS.md, Eq. 17-18, and its composition with VA-OPD).
+    """`L = eta * (1 / B) * sum_t c_t * l_t` (the paper's Eq. 17-18, and its composition with VA-OPD).
 
     With standard OPD's coefficients `c_t = 1 / (K n_k)` this is the paper's sequence mean, then mean over responses
-    and prompts; with VA-OPD's coefficients (METHOD.md sections 3-4) it is the composed objective.
+    and prompts; with VA-OPD's coefficients (`docs/methods/va_opd.md`) it is the composed objective.
     """
     if eta <= 0:
         raise ValueError(f"eta must be > 0, got {eta}.")

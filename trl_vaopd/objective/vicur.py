@@ -1,10 +1,10 @@
-"""ViCuR's sampled-token objective (VICUR.md section 3) as a pure tensor function.
+"""ViCuR's sampled-token objective (`docs/methods/vicur.md`, "The objective") as a pure tensor function.
 
 The paper trains with a per-token advantage `A_t = log p_T(y_t | X, S, y_<t) - log p_S(y_t | X, y_<t)` (the teacher
 sees the cue `S`) in a policy-gradient loss; with one on-policy update per batch its gradient is
 `-A_t * grad log p_S(y_t)`, the sampled-token (k1) estimate of the reverse KL's gradient. The full-vocabulary reverse
-KL (METHOD.md section 5) is its exact expectation and stays the default; this is the paper's estimator, for runs that
-reproduce it.
+KL (`docs/methods/va_opd.md`, "The loss") is its exact expectation and stays the default; this is the paper's
+estimator, for runs that reproduce it.
 """
 
 from __future__ import annotations
