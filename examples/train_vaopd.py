@@ -71,6 +71,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
 from trl_vaopd import VAOPDConfig, VAOPDTrainer
+from trl_vaopd.rewards import REWARD_FUNCS
 from trl_vaopd.tiny_models import TINY_FAMILIES, save_tiny_vlm
 
 
@@ -92,6 +93,9 @@ SUMMARY_KEYS = (
     "vgs/visual",
     "vgs/language",
     "vgs/lp_share",
+    "reward",
+    "loss/distillation",
+    "loss/policy",
 )
 
 
@@ -132,6 +136,13 @@ class ScriptArguments:
         metadata={"help": "Family of the tiny models.", "choices": list(TINY_FAMILIES)},
     )
     tiny_num_prompts: int = field(default=16, metadata={"help": "Number of synthetic prompts of the tiny dataset."})
+    reward_funcs: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Verifiable rewards mixed in as GRPO's policy term (see --distillation_weight), by name: "
+            f"{', '.join(REWARD_FUNCS)} (math-verify against the dataset's `answer` column)."
+        },
+    )
 
 
 def tiny_defaults() -> dict:
@@ -335,6 +346,7 @@ def main(script_args: ScriptArguments, training_args: VAOPDConfig, model_args: M
         eval_dataset=eval_dataset,
         processing_class=processor,
         peft_config=peft_config,
+        reward_funcs=script_args.reward_funcs,
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
 

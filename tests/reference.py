@@ -101,13 +101,45 @@ def _stack(rows: list[Rollout], values: list[torch.Tensor]) -> torch.Tensor:
     return out
 
 
+def grpo_reference(rows: list[Rollout], student_logits: torch.Tensor, mask: torch.Tensor, args, reward_of) -> dict:
+    """TRL GRPO's loss on these rollouts, from TRL's definitions (one optimizer step per generation batch, so the
+    probability ratio is 1 with the gradient of `log p`): rewards `reward_of(completion tokens)`, advantages relative
+    to the rollouts of the same picture, the aggregation of `args.loss_type`."""
+    rewards = torch.tensor([float(reward_of(row.completion)) for row in rows], dtype=torch.float64)
+    advantages = torch.empty_like(rewards)
+    for picture in {row.picture for row in rows}:
+        members = torch.tensor([row.picture == picture for row in rows])
+        group = rewards[members]
+        centred = group - group.mean()
+        spread = {"group": group.std(), "batch": rewards.std(), "none": None}[args.scale_rewards]
+        advantages[members] = centred if spread is None else centred / (spread + 1e-4)
+    completions = _stack(rows, [row.completion for row in rows])
+    logp = torch.log_softmax(student_logits / args.temperature, -1).gather(-1, completions.unsqueeze(-1)).squeeze(-1)
+    per_token = -advantages.unsqueeze(1) * torch.exp(logp - logp.detach()) * mask
+    if args.loss_type == "dapo":
+        loss = per_token.sum() / mask.sum()
+    elif args.loss_type == "grpo":
+        loss = (per_token.sum(1) / mask.sum(1)).mean()
+    else:  # dr_grpo
+        loss = per_token.sum() / (len(rows) * args.max_completion_length)
+    return {"rewards": rewards, "advantages": advantages, "loss": loss}
+
+
 def reference(
-    rows: list[Rollout], student, teacher, processor, args, cues: dict[int, str] | None = None, va=None
+    rows: list[Rollout],
+    student,
+    teacher,
+    processor,
+    args,
+    cues: dict[int, str] | None = None,
+    va=None,
+    reward_of=None,
 ) -> dict:
     """VA-OPD's (and VGS's) quantities and loss `L` for `args` (docs/methods/), over the rollouts `rows` (the whole
     batch).
 
-    With `cues` (picture -> cue), the teacher reads the question followed by `"\n[Hint]: <cue>"` in every view.
+    With `cues` (picture -> cue), the teacher reads the question followed by `"\n[Hint]: <cue>"` in every view. With
+    `reward_of` (completion tokens -> reward), the loss mixes in GRPO's (`grpo_reference`) by `distillation_weight`.
     With `va` (`(N, T)`, a run's own visual advantages, compared with the reference's at float32 tolerance
     elsewhere), the rollout weights and coefficients come from it: the weights' z-scores divide by the spread of the
     siblings' mean VA, which on tiny models is small enough to turn float32 rounding of VA into visible differences.
@@ -178,4 +210,9 @@ def reference(
         log_ps, log_pt = torch.log_softmax(student_logits, -1), torch.log_softmax(teacher_logits, -1)
         kl = (log_ps.exp() * (log_ps - log_pt)).sum(-1) * mask
         out["loss"] = (coefficients * kl).sum() / num_prompts
+    if reward_of is not None:
+        out["grpo"] = grpo_reference(rows, student_logits, mask, args, reward_of)
+        weight = args.distillation_weight
+        out["distillation_loss"] = out["loss"]
+        out["loss"] = weight * out["loss"] + (1 - weight) * out["grpo"]["loss"]
     return out

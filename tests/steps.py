@@ -46,7 +46,17 @@ def count_passes(trainer, *passes: Passes) -> None:
     trainer._hidden_states = counted
 
 
-def run_one_step(processors, tmp_path, family="qwen3_vl", dataset=None, **overrides):
+def token_reward(completion_ids, **kwargs):
+    """A verifiable reward with TRL's signature that varies within sibling groups: the completion's token ids summed,
+    modulo 5 (`reward_of_tokens` is the same function of one completion, for the reference)."""
+    return [reward_of_tokens(torch.tensor(ids)) for ids in completion_ids]
+
+
+def reward_of_tokens(tokens: torch.Tensor) -> float:
+    return float(int(tokens.sum()) % 5)
+
+
+def run_one_step(processors, tmp_path, family="qwen3_vl", dataset=None, reward_funcs=None, **overrides):
     """One real `train()` step on the tiny pair of `family`: the trainer, the update of every parameter, and what the
     teacher's and the student's backbones computed outside generation (`Passes`)."""
     processor = processors[family]
@@ -59,6 +69,7 @@ def run_one_step(processors, tmp_path, family="qwen3_vl", dataset=None, **overri
         args=make_args(tmp_path, **overrides),
         train_dataset=image_question_dataset(8) if dataset is None else dataset,
         processing_class=processor,
+        reward_funcs=reward_funcs,
     )
     count_passes(trainer, teacher_passes, student_passes)
     # Read once the trainer is built: it may add parameters (the cue-recovery module)
@@ -86,21 +97,29 @@ def assert_update_is_minus_gradient(delta, student):
         assert (errors[module] / norms[module]) ** 0.5 < 1e-3, (module, errors[module], norms[module])
 
 
-def check_step_against_reference(processors, tmp_path, cues=None, **overrides):
+def check_step_against_reference(processors, tmp_path, cues=None, rewards=False, **overrides):
     """One real `train()` step on the tiny Qwen3-VL pair: its update is minus the gradient of the float64 objective of
     the whole generation batch, and the per-token quantities it scored equal the reference's. With `cues` (picture ->
-    cue) the dataset carries them and the reference's teacher reads them."""
+    cue) the dataset carries them and the reference's teacher reads them; with `rewards` the trainer gets
+    `token_reward` and the reference mixes in GRPO's loss."""
     dataset = None if cues is None else image_question_dataset(8).add_column("cue", [cues[i] for i in range(8)])
-    trainer, delta, teacher_passes, student_passes = run_one_step(processors, tmp_path, dataset=dataset, **overrides)
+    trainer, delta, teacher_passes, student_passes = run_one_step(
+        processors, tmp_path, dataset=dataset, reward_funcs=[token_reward] if rewards else None, **overrides
+    )
     processor = processors["qwen3_vl"]
     micro = trainer._buffered_inputs
     rows = rollouts_of(micro, processor.tokenizer)
     student = build_model("qwen3_vl", processor, "student", seed=0)
     teacher = build_model("qwen3_vl", processor, "teacher", seed=1)
-    ref = reference(rows, student, teacher, processor, trainer.args, cues)
+    ref = reference(
+        rows, student, teacher, processor, trainer.args, cues, reward_of=reward_of_tokens if rewards else None
+    )
     ref["loss"].backward()
     assert_update_is_minus_gradient(delta, student)
-    assert trainer.state.log_history[0]["loss"] == pytest.approx(ref["loss"].item(), rel=1e-4)
+    # GRPO's term is centred per group, so a mixed loss can sit near zero: a float32-sized absolute slack then
+    assert trainer.state.log_history[0]["loss"] == pytest.approx(
+        ref["loss"].item(), rel=1e-4, abs=1e-6 if rewards else 0
+    )
     width = ref["mask"].size(1)
     torch.testing.assert_close(
         cat(micro, "vaopd_coefficients")[:, :width].double(), ref["coefficients"], rtol=1e-4, atol=1e-7

@@ -27,6 +27,7 @@ import pytest
 import torch
 from conftest import cue, noise_image, pad_output_head
 from reference import Rollout, reference, rollout_key, rollouts_of
+from steps import reward_of_tokens
 
 from trl_vaopd.cue_recovery import add_cue_recovery
 from trl_vaopd.objective import visual_advantage
@@ -136,7 +137,9 @@ def run_reference(result: dict, lora: bool = False) -> dict:
         )
         run_va[i, :n] = va[:n]
     cues = {i: cue(i) for i in range(16)} if result["cues"] else None
-    ref = reference(rows, student, teacher, processor, SimpleNamespace(**result["settings"]), cues, va=run_va)
+    settings = SimpleNamespace(**result["settings"])
+    reward_of = reward_of_tokens if result["rewards"] else None
+    ref = reference(rows, student, teacher, processor, settings, cues, va=run_va, reward_of=reward_of)
     ref["loss"].backward()
     ref["loss"] = ref["loss"].item()
     ref["grads"] = {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in student.named_parameters()}
@@ -219,15 +222,19 @@ def assert_update_is_minus_gradient(result: dict, ref: dict, lr: float, names=No
 
 # ---------------------------------------------------------------------------------------------------------- tests
 @pytest.mark.parametrize(
-    "method",
-    [["va_opd"], ["va_opd", "vgs"]],
-    ids=["va_opd", "va_opd+vgs"],
+    "method,rewards",
+    [(["va_opd"], False), (["va_opd", "vgs"], False), (["va_opd", "vgs"], True)],
+    ids=["va_opd", "va_opd+vgs", "va_opd+vgs+grpo"],
 )
-def test_two_process_step_equals_method_objective_on_whole_generation_batch(tmp_path, method):
+def test_two_process_step_equals_method_objective_on_whole_generation_batch(tmp_path, method, rewards):
     # 2 rollouts per micro-batch x 3 accumulation steps x 2 processes = 12 rollouts = 3 prompts x 4 siblings: the
-    # middle prompt's siblings sit on both ranks, the others span micro-batches of one rank
+    # middle prompt's siblings sit on both ranks, the others span micro-batches of one rank. With rewards, the VGS
+    # paper's mix: 0.7 GRPO + 0.3 distillation, advantages over sibling groups split across ranks
     view = "drop" if "vgs" in method else "pixelate"  # VGS as the paper runs it, without the image
-    result = launch_run(tmp_path, "--per_device", "2", "--accumulation", "3", "--method", *method, "--view", view)
+    mix = ["--rewards", "--distillation_weight", "0.3"] if rewards else []
+    result = launch_run(
+        tmp_path, "--per_device", "2", "--accumulation", "3", "--method", *method, "--view", view, *mix
+    )
     assert result["world_size"] == 2 and result["distributed_type"] == "DistributedType.MULTI_CPU"
     ref = run_reference(result)
     assert_batch_is_complete_sibling_groups(ref["rows"], split_across_ranks=True)
@@ -236,8 +243,18 @@ def test_two_process_step_equals_method_objective_on_whole_generation_batch(tmp_
     assert_per_token_values_match(result, ref)
     assert ref["weights"].max() > ref["weights"].min()  # not uniform: the weighting matters here
     logs = result["log_history"][0]
-    assert logs["loss"] == pytest.approx(ref["loss"], rel=1e-4)
+    assert logs["loss"] == pytest.approx(ref["loss"], rel=1e-4, abs=1e-6 if rewards else 0)
     assert_update_is_minus_gradient(result, ref, lr=1.0)
+    if rewards:
+        assert ref["grpo"]["advantages"].abs().sum() > 0
+        by_rollout = dict(zip(map(rollout_key, ref["rows"]), ref["grpo"]["advantages"].tolist(), strict=True))
+        tokenizer = build_tokenizer()
+        for data in result["ranks"]:  # every rollout the loss consumed, on both ranks
+            for batch in data["micro_batches"]:
+                for row, advantage in zip(rollouts_of([batch], tokenizer), batch["grpo_advantages"], strict=True):
+                    assert advantage.item() == pytest.approx(by_rollout[rollout_key(row)], rel=1e-5, abs=1e-6)
+        assert logs["loss/policy"] == pytest.approx(ref["grpo"]["loss"].item(), rel=1e-4, abs=1e-6)
+        assert logs["reward"] == pytest.approx(ref["grpo"]["rewards"].mean().item())
     for key in VA_METRICS + (VGS_METRICS if "vgs" in method else ()):
         assert key in logs, key
     assert logs["weights/max"] == pytest.approx(ref["weights"].max().item(), rel=1e-4)
@@ -358,7 +375,7 @@ def test_example_tiny_flag_runs_the_builtin_tiny_run(tmp_path):
         ("deepspeed_zero2.yaml", ["va_opd"]),
         ("deepspeed_zero3.yaml", ["va_opd"]),
         ("multi_gpu.yaml", ["vgs"]),
-        ("deepspeed_zero3.yaml", ["vgs"]),
+        ("deepspeed_zero3.yaml", ["vgs"]),  # with the VGS paper's GRPO mix, from the command line
         ("python", ["va_opd", "vicur"]),  # the tiny rows carry a cue; the student gets the cue-recovery module
     ],
 )
@@ -366,6 +383,9 @@ def test_example_with_tiny_recipe(tmp_path, launcher, method):
     args = [EXAMPLE, "--config", TINY_RECIPE, "--output_dir", tmp_path / "out", "--method", *method]
     if "vgs" in method:
         args += ["--counterfactual_view", "drop"]  # VGS as its paper runs it
+    rewards = launcher == "deepspeed_zero3.yaml" and method == ["vgs"]
+    if rewards:
+        args += ["--reward_funcs", "accuracy", "--distillation_weight", "0.3"]
     if launcher == "python":
         output = run([sys.executable, *args])
     else:
@@ -377,6 +397,8 @@ def test_example_with_tiny_recipe(tmp_path, launcher, method):
     assert_sane_summary(summary)
     if "vgs" in method:
         assert {"vgs/standard", "vgs/visual", "vgs/language", "vgs/lp_share"} <= summary.keys()
+    if rewards:
+        assert {"reward", "loss/distillation", "loss/policy"} <= summary.keys()
 
 
 def test_paper_recipe_parses_to_the_published_settings():
@@ -415,6 +437,24 @@ def test_vicur_recipe_parses_to_the_papers_settings():
     assert args.num_generations == 1 and args.per_device_train_batch_size * 8 == 128
     assert (args.learning_rate, args.num_train_epochs, args.max_completion_length) == (1e-6, 5, 4096)
     assert script_args.dataset_name == "data/geometry3k_cues.parquet"
+
+
+def test_vgs_grpo_recipe_parses_to_the_papers_mix():
+    example = load_example()
+    script_args, args, _ = example.parse_args(
+        [
+            "--config",
+            str(REPO / "examples/recipes/qwen3_vl_2b_vgs_grpo_geometry3k.yaml"),
+            "--bf16",
+            "false",
+            "--use_cpu",
+        ]
+    )
+    assert script_args.reward_funcs == ["accuracy"] and args.method == ["vgs"] and args.vgs
+    assert (args.distillation_weight, args.loss_type, args.scale_rewards) == (0.3, "dapo", "group")
+    assert args.per_device_train_batch_size * 8 * args.gradient_accumulation_steps == 512  # the paper's global batch
+    assert (args.learning_rate, args.weight_decay, args.lr_scheduler_type) == (1e-6, 0.01, "constant")
+    assert (args.temperature, args.top_p, args.max_completion_length) == (1.0, 1.0, 2048)
 
 
 def test_write_cues_script_writes_a_column_train_vaopd_reads(tmp_path):

@@ -8,7 +8,7 @@ import torch
 from trl import DistillationConfig
 from trl.import_utils import is_vllm_available
 
-from .objective import LOSS_AGGREGATIONS, VA_TOKEN_MASKS
+from .objective import LOSS_AGGREGATIONS, POLICY_LOSS_TYPES, SCALE_REWARDS, VA_TOKEN_MASKS
 from .privileged import DEFAULT_CUE_TEMPLATE
 from .views import VIEW_NAMES
 
@@ -148,6 +148,24 @@ class VAOPDConfig(DistillationConfig):
         vgs_adaptive_gamma_quantiles (`list[float]`, *optional*, defaults to `[0.4, 0.7]`):
             The two VDS quantiles of the adaptive variant, `0 < low < high < 1`.
 
+        > Parameters of verifiable rewards (used when the trainer is given `reward_funcs`; TRL GRPO's meanings)
+
+        distillation_weight (`float`, *optional*, defaults to `1.0`):
+            The loss is `(1 - distillation_weight) * policy_loss + distillation_weight * distillation_loss`, as in
+            TRL's `sdpo`: `1.0` is the distillation objective alone (rewards, if any, are only logged), `0.0` is
+            GRPO alone, `0.3` the VGS paper's mix (`alpha = 0.3`). In `[0, 1]`; below `1.0` it needs `reward_funcs`.
+        reward_weights (`list[float]`, *optional*):
+            Weights of the reward functions in the reward, one per function; all `1.0` when `None`.
+        scale_rewards (`str`, *optional*, defaults to `"group"`):
+            How advantages are scaled: `"group"` (by the unbiased standard deviation of the sibling group's rewards),
+            `"batch"` (of the whole generation batch's) or `"none"`; each adds `1e-4` to the spread, as TRL does.
+        loss_type (`str`, *optional*, defaults to `"dapo"`):
+            Aggregation of the policy term's per-token losses, with TRL GRPO's names: `"dapo"` (the mean over every
+            token of the generation batch), `"grpo"` (each response's mean, then the mean over responses) or
+            `"dr_grpo"` (each response's sum over `max_completion_length`, then the mean). TRL's `"bnpo"` normalises
+            by the micro-batch's tokens, which would make the update depend on the split, and is refused. The
+            distillation term is aggregated by `loss_aggregation`.
+
         > Parameters of the analyses
 
         va_token_mask (`str`, *optional*):
@@ -277,6 +295,24 @@ class VAOPDConfig(DistillationConfig):
         default_factory=lambda: [0.4, 0.7],
         metadata={"help": "The two VDS quantiles of the adaptive gamma variant."},
     )
+    distillation_weight: float = field(
+        default=1.0,
+        metadata={"help": "Loss = (1 - w) * GRPO policy loss + w * distillation loss; 1.0: distillation alone."},
+    )
+    reward_weights: list[float] | None = field(
+        default=None, metadata={"help": "Weights of the reward functions (default: all 1.0)."}
+    )
+    scale_rewards: str = field(
+        default="group",
+        metadata={
+            "help": "Advantage scaling: by the group's or the batch's reward spread, or none.",
+            "choices": list(SCALE_REWARDS),
+        },
+    )
+    loss_type: str = field(
+        default="dapo",
+        metadata={"help": "Aggregation of the policy term (TRL GRPO's names).", "choices": list(POLICY_LOSS_TYPES)},
+    )
     va_token_mask: str | None = field(
         default=None,
         metadata={"help": "Masking analysis: take the top, low or random VA tokens out of the KL (default: none)."},
@@ -315,6 +351,14 @@ class VAOPDConfig(DistillationConfig):
             (self.cue_recovery_interval >= 1, "cue_recovery_interval", "must be >= 1"),
             ("{cue}" in self.cue_template, "cue_template", "must contain '{cue}'"),
             (self.kl_estimator in KL_ESTIMATORS, "kl_estimator", f"must be one of {', '.join(KL_ESTIMATORS)}"),
+            (0.0 <= self.distillation_weight <= 1.0, "distillation_weight", "must be in [0, 1]"),
+            (self.scale_rewards in SCALE_REWARDS, "scale_rewards", f"must be one of {', '.join(SCALE_REWARDS)}"),
+            (
+                self.loss_type in POLICY_LOSS_TYPES,
+                "loss_type",
+                f"must be one of {', '.join(POLICY_LOSS_TYPES)} (TRL's 'bnpo' normalises by each micro-batch's "
+                "tokens, so the update would depend on the split)",
+            ),
             (
                 self.loss_aggregation in LOSS_AGGREGATIONS,
                 "loss_aggregation",

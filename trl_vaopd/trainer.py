@@ -46,9 +46,12 @@ from .cue_recovery import add_cue_recovery, cue_recovery_modules_to_save, has_cu
 from .dataset_formats import row_images, validate_vaopd_dataset
 from .objective import (
     adaptive_gamma,
+    group_advantages,
     high_va_mask,
     lp_mask,
     mask_coefficients,
+    policy_coefficients,
+    policy_token_loss,
     rollout_weights,
     sampled_token_kl,
     token_coefficients,
@@ -64,6 +67,7 @@ from .objective import (
 )
 from .prefix_sharing import prefix_groups, prefix_sharing_support, shared_prefix_hidden_states
 from .privileged import teacher_prompt, validate_privileged_columns
+from .rewards import compute_rewards, resolve_reward_funcs
 from .views import CounterfactualView, drop_image_parts, get_view, rows_without_text
 from .vocabulary import compared_vocab_size, load_tokenizer_of
 
@@ -90,6 +94,8 @@ _TEACHER_LOGP = "teacher_token_logprobs"
 _COEFFICIENTS = "vaopd_coefficients"
 _HIGH_MASK = "vaopd_high_mask"
 _NUM_PROMPTS = "vaopd_num_prompts"
+_ADVANTAGES = "grpo_advantages"
+_POLICY_COEFFICIENTS = "grpo_coefficients"
 _LP_MASK = "vgs_lp_mask"
 _GAMMA = "vgs_gamma"
 # The counterfactual view's model inputs, per rollout: its pixel values (views that keep the image) or its text-only
@@ -215,6 +221,7 @@ class VAOPDTrainer(DistillationTrainer):
         peft_config=None,
         tools: list[Callable] | None = None,
         counterfactual_view: Callable[[Image.Image], Image.Image] | None = None,
+        reward_funcs: Callable | str | list[Callable | str] | None = None,
     ):
         if args is None:
             name = model if isinstance(model, str) else model.config._name_or_path
@@ -227,6 +234,8 @@ class VAOPDTrainer(DistillationTrainer):
         # Everything that can be checked without models is checked before any model is loaded
         if teacher_model is None:
             raise ValueError("VAOPDTrainer needs a `teacher_model` (a model or a hub name / local path).")
+        self.reward_funcs, self.reward_func_names = resolve_reward_funcs(reward_funcs)
+        self._check_rewards(args)
         if tools:
             raise ValueError(
                 "VAOPDTrainer does not support `tools`: tool results add tokens and images to completions that the "
@@ -333,6 +342,27 @@ class VAOPDTrainer(DistillationTrainer):
             config = model.peft_config[adapter]
             config.modules_to_save = [*(config.modules_to_save or []), *cue_recovery_modules_to_save(base)]
             set_additional_trainable_modules(model.base_model, config, BaseTuner.get_model_config(model), adapter)
+
+    def _check_rewards(self, args: VAOPDConfig) -> None:
+        """Settings of the policy term that no rollout can fix, refused before any model is loaded."""
+        if args.distillation_weight < 1.0 and not self.reward_funcs:
+            raise ValueError(
+                f"VAOPDConfig.distillation_weight={args.distillation_weight} mixes in GRPO's policy term, which needs "
+                "rewards: pass `reward_funcs=` to the trainer (e.g. 'accuracy', or `--reward_funcs accuracy`), or "
+                "set distillation_weight=1.0."
+            )
+        if not self.reward_funcs:
+            return
+        if args.num_generations < 2:
+            raise ValueError(
+                f"Rewards need num_generations >= 2: GRPO's advantages are relative to the sibling group, and "
+                f"num_generations={args.num_generations} gives none to compare with. Raise num_generations."
+            )
+        if args.reward_weights is not None and len(args.reward_weights) != len(self.reward_funcs):
+            raise ValueError(
+                f"VAOPDConfig.reward_weights has {len(args.reward_weights)} entries for {len(self.reward_funcs)} "
+                f"reward functions ({', '.join(self.reward_func_names)}); give one weight per function."
+            )
 
     @staticmethod
     def _check_text_without_images(args: VAOPDConfig, *datasets) -> None:
@@ -687,11 +717,13 @@ class VAOPDTrainer(DistillationTrainer):
             masked = va_token_mask(va, mask, args.va_token_mask, args.va_token_mask_fraction, self._tie_breaker(mask))
             coefficients = mask_coefficients(coefficients, mask, masked)
             self._log_pooled_share(mode, "mask/va_share", va, masked)
+        # Counted over the whole generation batch, so every split of it sums to the same loss
+        counts = self.accelerator.gather(torch.stack([mask.new_tensor(mask.size(0)), mask.sum()])).view(-1, 2)
+        responses, tokens = counts.sum(dim=0).tolist()
         if args.loss_aggregation == "token_mean":
-            # Counted over the whole generation batch, so every split of it sums to the same loss
-            counts = self.accelerator.gather(torch.stack([mask.new_tensor(mask.size(0)), mask.sum()])).view(-1, 2)
-            responses, tokens = counts.sum(dim=0).tolist()
             coefficients = token_mean_coefficients(coefficients, mask, responses, tokens)
+        if self.reward_funcs:
+            batch.update(self._policy_inputs(mode, inputs, batch, responses, tokens))
         if args.kl_estimator == "sampled_token":
             batch[_TEACHER_LOGP] = scores.logp
         else:
@@ -707,6 +739,45 @@ class VAOPDTrainer(DistillationTrainer):
         if args.vgs:
             batch.update(self._vgs_token_settings(mode, scores, mask))
         return batch
+
+    def _policy_inputs(
+        self,
+        mode: str,
+        inputs: list[dict[str, Any]],
+        batch: dict[str, Any],
+        responses: int,
+        tokens: int,
+    ) -> dict[str, torch.Tensor]:
+        """GRPO's advantages and the policy term's coefficients of this process's rollouts, from the rewards of the
+        whole generation batch (advantages are relative to complete sibling groups, gathered across processes)."""
+        args = self.args
+        mask = batch["completion_mask"]
+        ids = [c[m.bool()].tolist() for c, m in zip(batch["completion_ids"], mask, strict=True)]
+        texts = self._tokenizer.batch_decode(ids, skip_special_tokens=True)
+        conversational = isinstance(inputs[0]["prompt"], list)
+        completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
+        local = compute_rewards(
+            self.reward_funcs, self.reward_func_names, inputs, completions, ids, trainer_state=self.state
+        )
+        rewards_per_func = self.accelerator.gather(local.to(mask.device))
+        weights = torch.tensor(args.reward_weights or [1.0] * len(self.reward_funcs), dtype=torch.float64)
+        rewards = (rewards_per_func * weights.to(rewards_per_func.device)).nansum(dim=1)
+        rewards[rewards_per_func.isnan().all(dim=1)] = torch.nan  # unscorable: out of the baseline, advantage 0
+        advantages, std = group_advantages(rewards, args.num_generations, args.scale_rewards)
+        metrics = self._metrics[mode]
+        for j, name in enumerate(self.reward_func_names):
+            metrics[f"rewards/{name}/mean"].append(torch.nanmean(rewards_per_func[:, j]).item())
+        metrics["reward"].append(torch.nanmean(rewards).item())
+        metrics["reward_std"].append(rewards[~rewards.isnan()].std().item() if (~rewards.isnan()).sum() > 1 else 0.0)
+        metrics["frac_reward_zero_std"].append(torch.isclose(std, torch.zeros_like(std)).float().mean().item())
+        first = self.accelerator.process_index * mask.size(0)
+        coefficients = policy_coefficients(
+            mask, args.num_generations, args.loss_type, responses, tokens, args.max_completion_length
+        )
+        return {
+            _ADVANTAGES: advantages[first : first + mask.size(0)].float(),
+            _POLICY_COEFFICIENTS: coefficients.float(),
+        }
 
     def _vgs_token_settings(self, mode: str, scores: TeacherScores, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """VGS's per-token language-prior mask and gamma, from quantiles of VDS over the whole generation batch."""
@@ -798,6 +869,15 @@ class VAOPDTrainer(DistillationTrainer):
                 args.divergence_temperature,
             )
             loss = vaopd_loss(standard, inputs[_COEFFICIENTS], num_prompts)
+        if self.reward_funcs and args.distillation_weight < 1.0:
+            # On-policy, at the sampling temperature as TRL's GRPO scores its rollouts
+            student_logp = token_logprobs(
+                student_hidden, student_head, inputs["completion_ids"], mask, args.temperature
+            )
+            policy_terms = policy_token_loss(student_logp, inputs[_ADVANTAGES], mask)
+            policy = vaopd_loss(policy_terms, inputs[_POLICY_COEFFICIENTS], num_prompts)
+            self._loss_parts = torch.stack([loss.detach(), policy.detach()]).float()
+            loss = args.distillation_weight * loss + (1.0 - args.distillation_weight) * policy
         valid = mask.bool()
         high = inputs.get(_HIGH_MASK, torch.zeros_like(valid))
         low = valid & ~high
@@ -815,6 +895,13 @@ class VAOPDTrainer(DistillationTrainer):
         if _HIGH_MASK in inputs:
             metrics["kl/high"].append((sums[0] / sums[1].clamp(min=1)).item())
             metrics["kl/low"].append((sums[2] / sums[3].clamp(min=1)).item())
+        if self.reward_funcs and self.args.distillation_weight < 1.0:
+            # Each micro-batch holds its share of the whole batch's loss: times the accumulation steps, the mean over
+            # the logged micro-batches is the generation batch's value of each part
+            steps = self.args.gradient_accumulation_steps if mode == "train" else 1
+            parts = self.accelerator.gather(self._loss_parts).view(-1, 2).mean(dim=0) * steps
+            metrics["loss/distillation"].append(parts[0].item())
+            metrics["loss/policy"].append(parts[1].item())
         if self.args.vgs:
             vgs = self.accelerator.gather(self._vgs_sums).view(-1, 5).sum(dim=0)
             tokens = sums[1] + sums[3]

@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from conftest import image_question_dataset, pad_output_head  # noqa: E402
+from steps import token_reward  # noqa: E402
 
 from trl_vaopd import VAOPDConfig, VAOPDTrainer  # noqa: E402
 from trl_vaopd.tiny_models import build_model, build_processor, build_tokenizer  # noqa: E402
@@ -47,6 +48,7 @@ _KEPT = (
     "vaopd_num_prompts",
     "vgs_lp_mask",
     "vgs_gamma",
+    "grpo_advantages",
 )
 # The settings the float64 reference needs (a plain dict: the config itself holds the process state)
 _OBJECTIVE_SETTINGS = (
@@ -66,6 +68,11 @@ _OBJECTIVE_SETTINGS = (
     "vgs_adaptive_gamma",
     "vgs_adaptive_gamma_quantiles",
     "loss_aggregation",
+    "distillation_weight",
+    "loss_type",
+    "scale_rewards",
+    "temperature",
+    "max_completion_length",
 )
 
 
@@ -112,6 +119,9 @@ def main() -> None:
     parser.add_argument("--cues", action="store_true")
     parser.add_argument("--cue_recovery", action="store_true")
     parser.add_argument("--loss_aggregation", default=None)
+    # A verifiable reward (`steps.token_reward`) mixed in at this weight of the distillation loss
+    parser.add_argument("--rewards", action="store_true")
+    parser.add_argument("--distillation_weight", type=float, default=1.0)
     # A random tiny model almost never samples EOS; a logit bias gives completions of varied lengths (and masks)
     parser.add_argument("--eos_bias", type=float, default=3.0)
     cli = parser.parse_args()
@@ -147,6 +157,7 @@ def main() -> None:
         use_cues=cli.cues,
         cue_recovery=cli.cue_recovery,
         loss_aggregation=cli.loss_aggregation,
+        distillation_weight=cli.distillation_weight,
     )
     peft_config = None
     if cli.lora:
@@ -160,6 +171,7 @@ def main() -> None:
         train_dataset=image_question_dataset(cli.num_prompts, cues=cli.cues),
         processing_class=processor,
         peft_config=peft_config,
+        reward_funcs=[token_reward] if cli.rewards else None,
     )
 
     # Spy on the scoring: the generation batch in sampling order (the student's prompts and completions) and the
@@ -211,6 +223,7 @@ def main() -> None:
                 "settings": {name: getattr(args, name) for name in _OBJECTIVE_SETTINGS},
                 "pad_heads": cli.pad_heads,
                 "cues": cli.cues,
+                "rewards": cli.rewards,
                 "world_size": trainer.accelerator.num_processes,
                 "distributed_type": str(trainer.accelerator.distributed_type),
             },

@@ -7,12 +7,14 @@
   gamma and the loss, composable with VA-OPD's coefficients.
 - `trl_vaopd.objective.vicur`: ViCuR's sampled-token estimate of the reverse KL (`docs/methods/vicur.md`, "The
   objective").
+- `trl_vaopd.objective.policy`: GRPO's policy-gradient term for a verifiable reward (group advantages, aggregation).
 - `trl_vaopd.objective.aggregation`: how the per-token losses are averaged (per response, or over all tokens alike).
 
 Everything public is importable from `trl_vaopd.objective` directly.
 """
 
 from .aggregation import LOSS_AGGREGATIONS, token_mean_coefficients
+from .policy import POLICY_LOSS_TYPES, SCALE_REWARDS, group_advantages, policy_coefficients, policy_token_loss
 from .va_opd import (
     VA_TOKEN_MASKS,
     group_index,
@@ -42,14 +44,19 @@ from .vicur import sampled_token_kl
 
 __all__ = [
     "LOSS_AGGREGATIONS",
+    "POLICY_LOSS_TYPES",
+    "SCALE_REWARDS",
     "VA_TOKEN_MASKS",
     "VGSTerms",
     "adaptive_gamma",
+    "group_advantages",
     "group_index",
     "high_va_mask",
     "kl_from_logprobs",
     "lp_mask",
     "mask_coefficients",
+    "policy_coefficients",
+    "policy_token_loss",
     "rollout_weights",
     "sampled_token_kl",
     "token_coefficients",
