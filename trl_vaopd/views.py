@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageFilter, ImageStat
 
+from .names import did_you_mean
+
 
 __all__ = ["VIEW_NAMES", "CounterfactualView", "blank", "blur", "get_view", "pixelate"]
 
@@ -105,6 +107,6 @@ def get_view(view: str | Callable[[Image.Image], Image.Image], pixelate_ratio: f
     if view == "drop":
         return CounterfactualView("drop", None)
     raise ValueError(
-        f"Unknown counterfactual_view {view!r}. Use one of {', '.join(VIEW_NAMES)}, or pass a callable "
-        "image -> image (same size) as the trainer's `counterfactual_view` argument."
+        f"Unknown counterfactual_view {view!r}.{did_you_mean(view, VIEW_NAMES)} Use one of {', '.join(VIEW_NAMES)}, "
+        "or pass a callable image -> image (same size) as the trainer's `counterfactual_view` argument."
     )
