@@ -12,7 +12,7 @@ python examples/train_vaopd.py
 ```
 
 `--tiny` runs tiny random models on noise images for a few steps (seconds), honouring every other argument (and
-`--config` file):
+`--config` file), and saves the student in `--output_dir` like any run:
 
 ```bash
 python examples/train_vaopd.py --tiny --max_steps 8 --output_dir trl_vaopd_outputs/tiny
@@ -54,7 +54,7 @@ python examples/train_vaopd.py --config examples/recipes/qwen3_vl_8b_to_2b_geome
 
 Arguments come from three dataclasses parsed by `trl.TrlParser`: `VAOPDConfig` (training and VA-OPD settings, including
 `--teacher_model_name_or_path`), `trl.ModelConfig` (student name, dtype, LoRA / QLoRA flags) and `ScriptArguments`
-below (dataset, image pixel budget, `--tiny`).
+below (dataset, image pixel budget, `--tiny`). `--help` lists them in groups, the package's own settings first.
 """
 
 from __future__ import annotations
