@@ -14,6 +14,8 @@ from contextlib import contextmanager
 import torch
 from transformers import TrainerCallback
 
+from trl_vaopd.prefix_sharing import cache_keyword
+
 
 __all__ = ["PHASE_GROUPS", "PhaseClock", "StepRecorder", "instrument"]
 
@@ -194,10 +196,12 @@ def instrument(trainer, student, teacher, clock: PhaseClock, is_vaopd: bool, tur
     # the loss goes through them. A call that runs completion tokens (a full pass, or the continuation of a shared
     # prompt) counts its rows as rollouts scored; a shared prompt's own call counts as prompt rows; every call adds its
     # non-padding token positions
-    def counter(model: str):
+    def counter(model: str, backbone: torch.nn.Module):
+        keyword = cache_keyword(backbone)
+
         def count(kwargs):
             ids = kwargs["input_ids"]
-            shared_prompt = kwargs.get("use_cache") and kwargs.get("past_key_values") is None
+            shared_prompt = kwargs.get("use_cache") and kwargs.get(keyword) is None
             probe[f"{model}_prompt_rows" if shared_prompt else f"{model}_rows"] += int(ids.size(0))
             probe[f"{model}_positions"] += int(kwargs["attention_mask"][:, -ids.size(1) :].sum())
             if model == "teacher":
@@ -205,8 +209,14 @@ def instrument(trainer, student, teacher, clock: PhaseClock, is_vaopd: bool, tur
 
         return count
 
-    _backbone_hooks(teacher.base_model, clock, "teacher_forward", on_call=counter("teacher"))
-    _backbone_hooks(student.base_model, clock, "student_forward", on_call=counter("student"), skip_inside="generation")
+    _backbone_hooks(teacher.base_model, clock, "teacher_forward", on_call=counter("teacher", teacher.base_model))
+    _backbone_hooks(
+        student.base_model,
+        clock,
+        "student_forward",
+        on_call=counter("student", student.base_model),
+        skip_inside="generation",
+    )
 
     generate = trainer._generate
 

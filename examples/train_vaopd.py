@@ -13,7 +13,7 @@ python examples/train_vaopd.py
 ```
 
 `--tiny` runs tiny random models on noise images for a few steps (seconds), honouring every other argument (and
-`--config` file):
+`--config` file), and saves the student in `--output_dir` like any run:
 
 ```bash
 python examples/train_vaopd.py --tiny --max_steps 8 --output_dir trl_vaopd_outputs/tiny
@@ -55,16 +55,17 @@ python examples/train_vaopd.py --config examples/recipes/qwen3_vl_8b_to_2b_geome
 
 Arguments come from three dataclasses parsed by `trl.TrlParser`: `VAOPDConfig` (training and VA-OPD settings, including
 `--teacher_model_name_or_path`), `trl.ModelConfig` (student name, dtype, LoRA / QLoRA flags) and `ScriptArguments`
-below (dataset, image pixel budget, `--tiny`).
+below (dataset, image pixel budget, `--tiny`). `--help` lists them in groups, the package's own settings first.
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import sys
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -146,8 +147,7 @@ class ScriptArguments:
 
 
 def tiny_defaults() -> dict:
-    """Defaults of the built-in tiny run: a few short VA-OPD steps, on CPU when no GPU is visible."""
-    on_gpu = torch.cuda.is_available()
+    """Defaults of the built-in tiny run: a few short VA-OPD steps (`VAOPDConfig` picks the device and precision)."""
     return {
         "output_dir": "trl_vaopd_outputs/tiny-vaopd",
         "max_steps": 4,
@@ -158,17 +158,50 @@ def tiny_defaults() -> dict:
         "learning_rate": 1e-3,
         "lr_scheduler_type": "constant",
         "logging_steps": 1,
-        "save_strategy": "no",
+        "save_strategy": "no",  # no intermediate checkpoint: the student is saved at the end
         "report_to": "none",
         "gradient_checkpointing": False,
-        "use_cpu": not on_gpu,
-        "bf16": on_gpu and torch.cuda.is_bf16_supported(),
         "seed": 0,
     }
 
 
+def vaopd_fields() -> set[str]:
+    """`VAOPDConfig`'s own settings: the fields its class declares (new ones, and TRL's it redefines)."""
+    return {f.name for f in fields(VAOPDConfig) if f.name in VAOPDConfig.__annotations__}
+
+
+def group_options(parser: TrlParser) -> None:
+    """Sort the options into titled groups, the package's own first, instead of argparse's single list of a thousand
+    lines in which they come after every TrainingArguments option."""
+    groups = {
+        "VAOPDConfig: the method and its settings (trl_vaopd)": vaopd_fields(),
+        "ScriptArguments: data and run mode (this script)": {f.name for f in fields(ScriptArguments)},
+        "ModelConfig: student, teacher, LoRA and quantization (trl)": {f.name for f in fields(ModelConfig)}
+        | {"teacher_model_name_or_path", "teacher_model_revision"},
+    }
+    rest = parser.add_argument_group("DistillationConfig / TrainingArguments: training (trl, transformers)")
+    titled = {title: parser.add_argument_group(title) for title in groups}
+    for action in list(parser._optionals._group_actions):
+        if action.dest == "help":
+            continue
+        if action.option_strings[0].startswith("--no_"):
+            # HfArgumentParser's complement of a flag that defaults to True: say so, not the flag's help and default
+            action.help, action.default = f"Same as --{action.dest} false.", argparse.SUPPRESS
+        title = next((title for title, names in groups.items() if action.dest in names), None)
+        parser._optionals._group_actions.remove(action)
+        (titled[title] if title else rest)._group_actions.append(action)
+    parser._action_groups = [*parser._action_groups[:2], *titled.values(), rest]
+
+
 def make_parser(defaults: dict | None = None) -> TrlParser:
-    parser = TrlParser((ScriptArguments, VAOPDConfig, ModelConfig))
+    parser = TrlParser(
+        (ScriptArguments, VAOPDConfig, ModelConfig),
+        usage="%(prog)s [--config RECIPE.yaml] [--tiny] [--OPTION VALUE ...]",
+        description="Vision-aware on-policy distillation of a VLM student from a teacher (trl_vaopd). No argument: "
+        "the built-in offline demo. --tiny: tiny random models, no download. --config: a YAML recipe "
+        "(examples/recipes/), which the command line overrides.",
+    )
+    group_options(parser)
     if defaults:
         parser.set_defaults_with_config(**defaults)
     return parser
@@ -176,9 +209,7 @@ def make_parser(defaults: dict | None = None) -> TrlParser:
 
 def wants_tiny(argv: list[str]) -> bool:
     """Whether `--tiny` is on, from the command line or else from the `--config` YAML, before the full parse (which
-    needs the tiny defaults already in place: without them, `bf16=True` is refused on a CPU-only machine)."""
-    import argparse
-
+    builds `VAOPDConfig` from the tiny defaults, so they must be in place first)."""
     import yaml
     from transformers.hf_argparser import string_to_bool
 
@@ -351,17 +382,20 @@ def main(script_args: ScriptArguments, training_args: VAOPDConfig, model_args: M
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
 
     summary = summarize(trainer.state.log_history)
+    trainer.save_model(training_args.output_dir)
     if trainer.accelerator.is_main_process:
+        processor.save_pretrained(training_args.output_dir)
         method = " + ".join(training_args.method)
-        print(f"{method} finished after {trainer.state.global_step} steps; mean over the logged steps:")
-        for key, value in summary.items():
-            print(f"  {key:<20} {value:.6g}")
-    if not script_args.tiny:
-        trainer.save_model(training_args.output_dir)
-        if trainer.accelerator.is_main_process:
-            processor.save_pretrained(training_args.output_dir)
-        if training_args.push_to_hub:
-            trainer.push_to_hub(dataset_name=script_args.dataset_name)
+        finished = f"{method} finished after {trainer.state.global_step} steps"
+        if summary:
+            print(f"{finished}; mean over the logged steps:")
+            for key, value in summary.items():
+                print(f"  {key:<20} {value:.6g}")
+        else:
+            print(f"{finished}; no step was logged (logging_steps={training_args.logging_steps:g}).")
+        print(f"The student is saved in {os.path.abspath(training_args.output_dir)}.")
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=None if script_args.tiny else script_args.dataset_name)
     return trainer
 
 

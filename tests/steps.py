@@ -6,6 +6,7 @@ from conftest import image_question_dataset, make_args
 from reference import reference, rollouts_of
 
 from trl_vaopd import VAOPDTrainer
+from trl_vaopd.prefix_sharing import cache_keyword
 from trl_vaopd.tiny_models import build_model
 
 
@@ -24,7 +25,7 @@ class Passes:
             return
         ids = kwargs["input_ids"]
         self.positions += int(kwargs["attention_mask"][:, -ids.size(1) :].sum())
-        if kwargs.get("use_cache") and kwargs.get("past_key_values") is None:
+        if kwargs.get("use_cache") and kwargs.get(cache_keyword(module)) is None:
             self.prompts += ids.size(0)  # a shared prompt, whose completions run next on its cache
         else:
             self.rollouts += ids.size(0)

@@ -14,6 +14,7 @@ back to full passes.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,7 @@ from peft import PeftModel
 __all__ = [
     "PREFIX_SHARING_FAMILIES",
     "PrefixGroups",
+    "cache_keyword",
     "prefix_groups",
     "prefix_sharing_support",
     "shared_prefix_hidden_states",
@@ -43,6 +45,12 @@ def backbone_of(model: torch.nn.Module) -> torch.nn.Module:
     if isinstance(model, PeftModel):
         model = model.base_model.model
     return model.base_model
+
+
+def cache_keyword(module: torch.nn.Module) -> str:
+    """The name under which `module` takes its KV cache, and its output returns it: `"cache"` from transformers 5.25,
+    which deprecates `"past_key_values"` (removal planned for 5.40), `"past_key_values"` before."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
 
 
 def prefix_sharing_support(model: torch.nn.Module, gradient_checkpointing: bool = False) -> str | None:
@@ -142,14 +150,15 @@ def shared_prefix_hidden_states(model: torch.nn.Module, rows: dict[str, Any], gr
         if key in rows:
             prompt[key] = rows[key][first, :prompt_len]
     out = backbone(**prompt, use_cache=True)
-    cache = out.past_key_values
+    keyword = cache_keyword(backbone)
+    cache = getattr(out, keyword)
     # Every rollout attends to its group's prompt: the cache is gathered along the batch (with gradient, if any)
     cache.batch_select_indices(index)
     completion = rows["completion_ids"]
     continuation = {
         "input_ids": completion,
         "attention_mask": torch.cat([rows["prompt_mask"], rows["completion_mask"]], dim=1),
-        "past_key_values": cache,
+        keyword: cache,
         "use_cache": True,
     }
     if model.config.model_type in _MROPE_FAMILIES:

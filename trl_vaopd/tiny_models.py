@@ -48,6 +48,8 @@ from transformers import (
     Qwen3VLVideoProcessor,
 )
 
+from .names import did_you_mean
+
 
 __all__ = [
     "LLAVA_CHAT_TEMPLATE",
@@ -235,7 +237,9 @@ def build_tokenizer(
 
 def _check_family(family: str) -> None:
     if family not in TINY_FAMILIES:
-        raise ValueError(f"Unknown family {family!r}; expected one of {TINY_FAMILIES}")
+        raise ValueError(
+            f"Unknown family {family!r}; expected one of {TINY_FAMILIES}.{did_you_mean(family, TINY_FAMILIES)}"
+        )
 
 
 def _qwen_side(family: str, image_size: int) -> int:

@@ -15,6 +15,7 @@ The adapter changes four things of its base and nothing else:
 from __future__ import annotations
 
 import copy
+import os
 import textwrap
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -282,6 +283,8 @@ class VAOPDTrainer(DistillationTrainer):
                 f"VLM), got {type(self.processing_class).__name__}. Pass `processing_class=AutoProcessor...`."
             )
         self._check_eval_batch()
+        if isinstance(self.model, PeftModel):
+            self._record_absolute_base_paths()
         student_rows = OutputHead.of(self.accelerator.unwrap_model(self.model)).num_rows
         teacher_rows = OutputHead.of(teacher_model).num_rows
         self._vocab_size = compared_vocab_size(student_rows, teacher_rows, self._tokenizer, teacher_tokenizer)
@@ -311,6 +314,14 @@ class VAOPDTrainer(DistillationTrainer):
         # Callbacks that measure during training (`VisualRelianceCallback`) report through the trainer's callbacks
         if hasattr(callback, "bind_trainer"):
             callback.bind_trainer(self)
+
+    def _record_absolute_base_paths(self) -> None:
+        """A saved adapter names its base as the student was loaded; a relative local path would reload only from the
+        working directory of the training run, so a local base is recorded by its absolute path."""
+        for config in self.model.peft_config.values():
+            path = config.base_model_name_or_path
+            if path and os.path.isdir(path):
+                config.base_model_name_or_path = os.path.abspath(path)
 
     def _attach_cue_recovery(self) -> None:
         """Give the student ViCuR's cue-recovery module (kept if it has one), trainable next to a PEFT adapter too.

@@ -17,6 +17,8 @@ from typing import Any
 
 from PIL import Image, ImageFilter, ImageStat
 
+from .names import did_you_mean
+
 
 __all__ = [
     "VIEW_NAMES",
@@ -117,8 +119,8 @@ def get_view(view: str | Callable[[Image.Image], Image.Image], pixelate_ratio: f
     if view == "drop":
         return CounterfactualView("drop", None)
     raise ValueError(
-        f"Unknown counterfactual_view {view!r}. Use one of {', '.join(VIEW_NAMES)}, or pass a callable "
-        "image -> image (same size) as the trainer's `counterfactual_view` argument."
+        f"Unknown counterfactual_view {view!r}.{did_you_mean(view, VIEW_NAMES)} Use one of {', '.join(VIEW_NAMES)}, "
+        "or pass a callable image -> image (same size) as the trainer's `counterfactual_view` argument."
     )
 
 

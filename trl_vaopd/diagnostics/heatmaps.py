@@ -11,7 +11,9 @@ from matplotlib import colormaps
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize, to_hex
 from matplotlib.figure import Figure
+from matplotlib.font_manager import FontProperties
 from matplotlib.patches import FancyBboxPatch
+from matplotlib.textpath import TextToPath
 
 from .concentration import va_concentration
 from .figures import save_figure
@@ -109,6 +111,28 @@ def _display_token(token: str) -> tuple[str, bool]:
     return (stripped or "␣"), stripped != text
 
 
+_NAME_FONT = FontProperties(size=12, weight="bold")
+_SUMMARY_FONT = FontProperties(size=9)
+_SUMMARY_LINE_INCHES = 0.2
+_COLOURBAR_LABEL = "visual advantage (nats): log p(token | image) - log p(token | counterfactual), clipped at 0"
+
+
+def _text_inches(text: str, font: FontProperties) -> float:
+    """The width of `text` set in `font`, in inches: layouts decide from it what fits on a line."""
+    return TextToPath().get_text_width_height_descent(text, font, ismath=False)[0] / 72
+
+
+def _summary_lines(name: str, summary: str, width: float) -> list[str] | None:
+    """`None` when a panel's name and summary fit side by side on `width` inches, else the summary's lines under the
+    name (split at its comma when it is wider than the panel itself)."""
+    if _text_inches(name, _NAME_FONT) + 2 * _CHAR_INCHES + _text_inches(summary, _SUMMARY_FONT) <= width:
+        return None
+    if _text_inches(summary, _SUMMARY_FONT) <= width:
+        return [summary]
+    head, _, tail = summary.partition(", ")
+    return [f"{head},", tail]
+
+
 def _wrap(tokens: Sequence[str], width: int) -> list[tuple[float, int, str]]:
     """`(x, line, text)` of each token box, wrapped into lines of `width` characters; a newline token ends its line."""
     boxes, x, line = [], 0.0, 0
@@ -156,44 +180,53 @@ def va_heatmap_png(
     norm, colours = _colour_scale(results, vmax), colormaps[cmap]
     layouts = {name: _wrap(result.tokens, width_chars) for name, result in results.items()}
     margin, header, colourbar = 0.3, 0.5, 0.75  # inches
+    text_width = width_chars * _CHAR_INCHES
+    # A summary that does not fit beside its panel's name goes under it; a colour-bar label wider than the figure
+    # is broken after its first colon
+    summaries = {name: _summary_lines(name, _summary(result), text_width) for name, result in results.items()}
+    headers = [header + _SUMMARY_LINE_INCHES * len(lines or []) for lines in summaries.values()]
     panel_heights = [
-        header + (1 + max((line for _, line, _ in boxes), default=0)) * _LINE_INCHES for boxes in layouts.values()
+        head + (1 + max((line for _, line, _ in boxes), default=0)) * _LINE_INCHES
+        for head, boxes in zip(headers, layouts.values(), strict=True)
     ]
+    label = _COLOURBAR_LABEL
+    if _text_inches(label, FontProperties(size=8)) > text_width + 2 * margin - 0.1:
+        label = label.replace(": ", ":\n", 1)
+        colourbar += 0.15
     top = 0.45 if title else 0.1
-    width = width_chars * _CHAR_INCHES + 2 * margin
+    width = text_width + 2 * margin
     height = top + sum(panel_heights) + colourbar + 0.15
     fig = Figure(figsize=(width, height), dpi=dpi)
     if title:
         fig.suptitle(title, fontsize=13, fontweight="bold", y=1 - 0.1 / height, va="top")
 
     y_top = height - top  # inches from the bottom of the figure
-    for (name, result), boxes, panel in zip(results.items(), layouts.values(), panel_heights, strict=True):
-        text_height = panel - header
-        ax = fig.add_axes(
-            (margin / width, (y_top - panel) / height, width_chars * _CHAR_INCHES / width, text_height / height)
-        )
+    for (name, result), boxes, panel, head in zip(
+        results.items(), layouts.values(), panel_heights, headers, strict=True
+    ):
+        text_height = panel - head
+        ax = fig.add_axes((margin / width, (y_top - panel) / height, text_width / width, text_height / height))
         lines = text_height / _LINE_INCHES
         ax.set(xlim=(0, width_chars), ylim=(lines, 0))
         ax.axis("off")
-        ax.text(
-            0,
-            -header / _LINE_INCHES * 0.45,
-            name,
-            fontsize=12,
-            fontweight="bold",
-            va="center",
-            ha="left",
-            parse_math=False,
-        )
-        ax.text(
-            width_chars,
-            -header / _LINE_INCHES * 0.45,
-            _summary(result),
-            fontsize=9,
-            color="0.35",
-            va="center",
-            ha="right",
-        )
+
+        # Header rows, in data units above the panel's first line of tokens: the name, then the summary beside it or
+        # under it
+        name_y = -(head - 0.55 * header) / _LINE_INCHES
+        ax.text(0, name_y, name, fontproperties=_NAME_FONT, va="center", ha="left", parse_math=False)
+        if summaries[name] is None:
+            ax.text(
+                width_chars,
+                name_y,
+                _summary(result),
+                fontproperties=_SUMMARY_FONT,
+                va="center",
+                ha="right",
+                color="0.35",
+            )
+        for i, line in enumerate(summaries[name] or []):
+            y = name_y + (0.26 + _SUMMARY_LINE_INCHES * i) / _LINE_INCHES
+            ax.text(0, y, line, fontproperties=_SUMMARY_FONT, va="center", ha="left", color="0.35")
         for (x, line, text), va in zip(boxes, result.va.tolist(), strict=True):
             background = colours(norm(va))
             ax.add_patch(
@@ -222,15 +255,13 @@ def va_heatmap_png(
 
     cax = fig.add_axes(
         (
-            margin / width + 0.25 * width_chars * _CHAR_INCHES / width,
-            0.42 / height,
-            0.5 * width_chars * _CHAR_INCHES / width,
+            margin / width + 0.25 * text_width / width,
+            (colourbar - 0.33) / height,
+            0.5 * text_width / width,
             0.14 / height,
         )
     )
     bar = fig.colorbar(ScalarMappable(norm=norm, cmap=colours), cax=cax, orientation="horizontal")
-    bar.set_label(
-        "visual advantage (nats): log p(token | image) - log p(token | counterfactual), clipped at 0", fontsize=8
-    )
+    bar.set_label(label, fontsize=8)
     bar.ax.tick_params(labelsize=8)
     return save_figure(fig, path)

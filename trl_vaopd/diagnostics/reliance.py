@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from matplotlib import colormaps
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.patches import FancyArrowPatch
 from matplotlib.ticker import MaxNLocator
 from PIL import Image
@@ -237,7 +238,7 @@ def plot_reliance_trajectory(
     Left: the student's own visual reliance and the teacher's VA on the student's rollouts against the training step
     (and the accuracy, on a second axis, when measured). Right: the run's path through the (student visual reliance,
     accuracy) plane, or (student visual reliance, teacher VA) without accuracy, with arrows in training order and the
-    first and last steps labelled: under VA-OPD the paper sees reliance and accuracy rise together.
+    first and last steps marked: under VA-OPD the paper sees reliance and accuracy rise together.
 
     Args:
         trajectories: run name -> records of [`VisualRelianceCallback.trajectory`].
@@ -298,19 +299,14 @@ def plot_reliance_trajectory(
             colour = colormaps["tab10"](index)
             points = [(r[STUDENT_RELIANCE_KEY], r[y_key]) for r in run]
             xs, ys = zip(*points, strict=True)
-            plane.plot(xs, ys, "o", color=colour, label=name, markersize=5)
+            label = f"{name}: step {run[0]['step']} to {run[-1]['step']}"
+            plane.plot(xs, ys, "o", color=colour, label=label, markersize=5)
             for start, end in zip(points[:-1], points[1:], strict=True):
                 _arrow(plane, start, end, colour)
-            # First step labelled below the point, last above, so that they do not collide when the path is short
-            for record, point, offset in ((run[0], points[0], (4, -11)), (run[-1], points[-1], (4, 5))):
-                plane.annotate(
-                    f"step {record['step']}",
-                    point,
-                    textcoords="offset points",
-                    xytext=offset,
-                    fontsize=7,
-                    color=colour,
-                )
+            # First and last steps by their markers, named in the legend: text next to the points collides when paths
+            # are short or end close together
+            plane.plot(*points[0], "o", color=colour, markerfacecolor="white", markersize=9, zorder=3)
+            plane.plot(*points[-1], "*", color=colour, markersize=13, zorder=3)
         plane.set_xlim(left=0)
         if has_accuracy:
             plane.set(ylabel="accuracy", ylim=(-0.03, 1.03))
@@ -319,7 +315,11 @@ def plot_reliance_trajectory(
         plane.set_xlabel("student visual reliance (nats/token)")
         plane.set_title("Trajectory through training", fontsize=10)
         plane.grid(alpha=0.3)
-        plane.legend(fontsize=8)
+        ends = [
+            Line2D([], [], ls="", marker="o", color="0.4", markerfacecolor="white", markersize=9, label="first step"),
+            Line2D([], [], ls="", marker="*", color="0.4", markersize=13, label="last step"),
+        ]
+        plane.legend(handles=[*plane.get_legend_handles_labels()[0], *ends], fontsize=8)
     if title:
         fig.suptitle(title, fontsize=12, fontweight="bold")
     return save_figure(fig, path)
