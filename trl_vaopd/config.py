@@ -319,7 +319,7 @@ class VAOPDConfig(DistillationConfig):
         metadata={"help": "Loss = (1 - w) * GRPO policy loss + w * distillation loss; 1.0: distillation alone."},
     )
     reward_weights: list[float] | None = field(
-        default=None, metadata={"help": "Weights of the reward functions (default: all 1.0)."}
+        default=None, metadata={"help": "Weights of the reward functions; None: 1.0 each."}
     )
     scale_rewards: str = field(
         default="group",
