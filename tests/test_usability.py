@@ -236,6 +236,20 @@ def test_the_readme_offline_and_saving_snippets_run_as_written(tmp_path):
     )
 
 
+def test_the_readme_diagnostics_snippet_runs_as_written(tmp_path):
+    """"Did the student learn to look?": the heatmap, a short training run with the callback, its trajectory plot."""
+    blocks = readme_blocks("Did the student learn to look?")
+    assert [language for language, _ in blocks] == ["python"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(
+        [sys.executable, "-c", blocks[0][1]], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "'visual_reliance/teacher_va'" in proc.stdout
+    for figure in ("va_heatmap.png", "reliance.png"):
+        assert (tmp_path / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", figure
+
+
 # ---------------------------------------------------------------------------------------------------------- figures
 def drawn_texts(fig) -> list:
     """`(text, extent)` of every non-empty text `fig` draws (tick labels outside the axes' range are not drawn)."""

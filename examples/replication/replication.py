@@ -55,6 +55,9 @@ LABELS = {
     "vicur_cue": "ViCuR, cue teacher alone",
     "vicur": "ViCuR, cue teacher + module",
     "vicur_vaopd": "ViCuR + VA-OPD",
+    "grpo": "GRPO alone (accuracy reward)",
+    "opd_grpo": "OPD + GRPO (0.3 OPD)",
+    "vgs_grpo": "VGS + GRPO (0.3 VGS, the paper's mix)",
 }
 MASKS = ("mask_top10", "mask_low10", "mask_random10")
 # Two-sided 95% quantiles of Student's t, by degrees of freedom (the normal quantile beyond the table)

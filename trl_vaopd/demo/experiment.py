@@ -17,6 +17,9 @@
 | `vicur_cue`      | `method="vicur", cue_recovery=False`                   | OPD to the teacher reading the item's cue   |
 | `vicur`          | `method="vicur"`                                       | the cue teacher + the cue-recovery module   |
 | `vicur_vaopd`    | `method=["va_opd", "vicur"]`                           | VA-OPD with the cue teacher and the module  |
+| `grpo`           | `method="opd", distillation_weight=0.0` + accuracy     | GRPO alone on the answer's accuracy         |
+| `opd_grpo`       | `method="opd", distillation_weight=0.3` + accuracy     | 0.7 GRPO + 0.3 OPD                          |
+| `vgs_grpo`       | `method="vgs", ..., distillation_weight=0.3` + accuracy | 0.7 GRPO + 0.3 VGS, the VGS paper's mix     |
 
 Every run scores the counterfactual view (`log_va_metrics=True`), so the VA metrics exist for every method.
 
@@ -65,6 +68,15 @@ METHODS: dict[str, dict[str, Any]] = {
     "vicur_cue": {"method": "vicur", "cue_recovery": False},
     "vicur": {"method": "vicur"},
     "vicur_vaopd": {"method": ["va_opd", "vicur"]},
+    # The answer's accuracy as a verifiable reward (`reward_funcs`, the trainer's argument; the rest is VAOPDConfig)
+    "grpo": {"method": "opd", "distillation_weight": 0.0, "reward_funcs": "accuracy"},
+    "opd_grpo": {"method": "opd", "distillation_weight": 0.3, "reward_funcs": "accuracy"},
+    "vgs_grpo": {
+        "method": "vgs",
+        "counterfactual_view": "drop",
+        "distillation_weight": 0.3,
+        "reward_funcs": "accuracy",
+    },
 }
 
 
@@ -197,6 +209,8 @@ def run_distillation(
     train_dataset = build_dataset([models.train_items[i] for i in order], task)
     probe_items = models.validation_items[: spec.probe_size]
     run = _Run(models, processor, probe_items, seed)
+    settings = dict(METHODS[method])
+    reward_funcs = settings.pop("reward_funcs", None)
 
     args = VAOPDConfig(
         output_dir=output_dir,
@@ -214,7 +228,7 @@ def run_distillation(
         adam_beta2=0.95,
         weight_decay=0.1,
         max_grad_norm=1.0,
-        **METHODS[method],
+        **settings,
         log_va_metrics=True,
         logging_steps=1,
         save_strategy="no",
@@ -233,6 +247,7 @@ def run_distillation(
         args=args,
         train_dataset=train_dataset,
         processing_class=processor,
+        reward_funcs=reward_funcs,
     )
     for callback in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(callback)
@@ -267,7 +282,8 @@ def run_distillation(
         "history": {
             "step": [entry["step"] for entry in history],
             **{
-                k: series(k) for k in ("loss", "va/mean", "va/top10_share", "va/high_group_share", "kl/high", "kl/low")
+                k: series(k)
+                for k in ("loss", "va/mean", "va/top10_share", "va/high_group_share", "kl/high", "kl/low", "reward")
             },
         },
         "va_mean": mean("va/mean"),
