@@ -123,6 +123,9 @@ def test_vgs_divergences_and_their_gradients_match_the_float64_full_logit_refere
         assert torch.all(value[mask == 0] == 0)
     log_p = torch.log_softmax(logits(hidden_s, w_s, b_s, case["scale"], case["softcap"]), -1)
     torch.testing.assert_close(got[3].double(), (-(log_p.exp() * log_p).sum(-1) * mask), rtol=1e-5, atol=1e-6)
+    # The visual target's diagnostics: KL(q* || q) and where q* and q disagree on the top token
+    torch.testing.assert_close(got[4].double(), ref.target_shift, rtol=1e-5, atol=1e-6)
+    assert torch.equal(got[5].double(), ref.target_flip) and 0 < ref.target_flip.sum() < mask.sum()
 
     # Gradients of an arbitrary weighting of the three terms, with respect to both student passes and the head
     weights = torch.rand(3, *mask.shape, generator=gen, dtype=torch.float64)
@@ -137,7 +140,7 @@ def test_vgs_divergences_route_each_term_to_its_own_student_pass():
     hidden_s, hidden_t, w_s, w_t, mask = _setup(seed=7)
     h_p, h_pbar = hidden_s.float().requires_grad_(), (hidden_s + 0.5).float().requires_grad_()
     heads = OutputHead(w_s.float(), None), OutputHead(w_t.float(), None)
-    standard, visual, language, _ = vgs_divergences(
+    standard, visual, language, *_ = vgs_divergences(
         h_p, h_pbar, hidden_t.float(), hidden_t.float() - 0.3, *heads, mask
     )
     # KL(p || q) and KL(p || q*) move p only (q* holds pbar detached); KL(pbar || qbar) moves pbar only

@@ -335,6 +335,7 @@ def test_every_metric_reaches_a_tracker_at_its_step(processors, tmp_path, monkey
     metrics = ["va/mean", "va/top10_share", "va/high_group_share", "weights/max", "kl/high", "kl/low", "loss"]
     if "vgs" in method:
         metrics += ["vgs/standard", "vgs/visual", "vgs/language", "vgs/lp_share", "vgs/vds"]
+        metrics += ["vgs/target_shift", "vgs/target_flip_share"]  # VGS's failure mode, visible
     logged = {e["step"]: e for e in trainer.state.log_history if "loss" in e}
     for key in metrics:
         assert [step for step, _ in scalars[f"train/{key}"]] == [1, 2, 3], key

@@ -84,6 +84,10 @@ def test_vgs_update_is_minus_gradient_of_its_objective_for_every_layout(
         expected = (getattr(ref["terms"], name).sum() / ref["mask"].sum()).item()
         assert logs[f"vgs/{name}"] == pytest.approx(expected, rel=1e-4)
     assert logs["vgs/lp_share"] == pytest.approx(ref["lp"].sum().item() / ref["mask"].sum().item())
+    # The visual target's diagnostics (how far q* moved from q, where their top tokens differ), against float64
+    tokens = ref["mask"].sum().item()
+    assert logs["vgs/target_shift"] == pytest.approx(ref["terms"].target_shift.sum().item() / tokens, rel=1e-4)
+    assert logs["vgs/target_flip_share"] == pytest.approx(ref["terms"].target_flip.sum().item() / tokens)
 
 
 def test_adaptive_gamma_matches_the_reference(processors, tmp_path):

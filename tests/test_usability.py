@@ -237,7 +237,7 @@ def test_the_readme_offline_and_saving_snippets_run_as_written(tmp_path):
 
 
 def test_the_readme_diagnostics_snippet_runs_as_written(tmp_path):
-    """"Did the student learn to look?": the heatmap, a short training run with the callback, its trajectory plot."""
+    """ "Did the student learn to look?": the heatmap, a short training run with the callback, its trajectory plot."""
     blocks = readme_blocks("Did the student learn to look?")
     assert [language for language, _ in blocks] == ["python"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}

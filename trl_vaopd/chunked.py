@@ -224,7 +224,8 @@ def _accumulate_grads(grad_logits, hidden, weight, grad_hidden, grad_weight, gra
 
 
 class _VGSDivergences(torch.autograd.Function):
-    """Per-token `KL(p||q)`, `KL(p||q*)`, `KL(pbar||qbar)` and the student's entropy, on token chunks.
+    """Per-token `KL(p||q)`, `KL(p||q*)`, `KL(pbar||qbar)`, the student's entropy and the visual target's diagnostics
+    (`KL(q*||q)`, whether `q*` and `q` disagree on the most likely token), on token chunks.
 
     The forward keeps only the per-token values; the backward recomputes each chunk's four distributions and applies
     the analytic gradients `dKL(p||r)/dz_p = p * (log p - log r - KL)` (with `r` fixed: `q*` holds `pbar` detached).
@@ -234,7 +235,7 @@ class _VGSDivergences(torch.autograd.Function):
     def forward(ctx, h_p, h_pbar, h_q, h_qbar, s_weight, s_bias, t_weight, t_bias, heads, temperature):
         student_head, teacher_head = heads
         n = h_p.size(0)
-        standard, visual, language, entropy = (torch.zeros(n, device=h_p.device) for _ in range(4))
+        standard, visual, language, entropy, shift, flip = (torch.zeros(n, device=h_p.device) for _ in range(6))
         with student_head.gathered() as (sw, sb), teacher_head.gathered() as (tw, tb):
             chunk = max(1, VGS_TILE_ELEMENTS // sw.size(0))
             for start in range(0, n, chunk):
@@ -248,14 +249,16 @@ class _VGSDivergences(torch.autograd.Function):
                 visual[rows] = _kl(log_p, log_q_star)
                 language[rows] = _kl(log_pbar, log_qbar)
                 entropy[rows] = -(log_p.exp() * log_p).sum(dim=-1)
+                shift[rows] = _kl(log_q_star, log_q)
+                flip[rows] = (log_q_star.argmax(dim=-1) != log_q.argmax(dim=-1)).float()
         ctx.save_for_backward(h_p, h_pbar, h_q, h_qbar, s_weight, s_bias, t_weight, t_bias, standard, visual, language)
         ctx.heads, ctx.temperature = heads, temperature
-        ctx.mark_non_differentiable(entropy)
+        ctx.mark_non_differentiable(entropy, shift, flip)
         ctx.set_materialize_grads(False)
-        return standard, visual, language, entropy
+        return standard, visual, language, entropy, shift, flip
 
     @staticmethod
-    def backward(ctx, grad_standard, grad_visual, grad_language, _):
+    def backward(ctx, grad_standard, grad_visual, grad_language, *_):
         h_p, h_pbar, h_q, h_qbar, s_weight, s_bias, t_weight, t_bias, standard, visual, language = ctx.saved_tensors
         student_head, teacher_head = ctx.heads
         n = h_p.size(0)
@@ -305,7 +308,7 @@ def vgs_divergences(
     teacher_head: OutputHead,
     mask: torch.Tensor,
     temperature: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, ...]:
     """VGS's three divergences per token from hidden states, token-chunked (`docs/methods/vgs.md`; reference:
     `trl_vaopd.objective.vgs_token_terms`).
 
@@ -322,7 +325,8 @@ def vgs_divergences(
         temperature: softmax temperature of all four distributions.
 
     Returns:
-        `(N, T)` standard, visual and language terms, and the student's entropy (detached), zero where `mask` is 0.
+        `(N, T)` standard, visual and language terms, the student's entropy, and the visual target's diagnostics
+        `KL(q* || q)` and `1[argmax q* != argmax q]` (the last three detached), zero where `mask` is 0.
     """
     valid = mask.bool()
     h_p, h_pbar = student_hidden[valid], student_cf_hidden[valid]

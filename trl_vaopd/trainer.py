@@ -843,7 +843,7 @@ class VAOPDTrainer(DistillationTrainer):
                 student_cf_hidden = self._hidden_states(
                     unwrapped_student, self._counterfactual_rows(inputs), "student"
                 )
-            standard, visual, language, entropy = vgs_divergences(
+            standard, visual, language, entropy, shift, flip = vgs_divergences(
                 student_hidden,
                 student_cf_hidden,
                 torch.cat(inputs[_TEACHER_HIDDEN]),
@@ -857,7 +857,9 @@ class VAOPDTrainer(DistillationTrainer):
             token_loss = vgs_token_loss(standard, visual, language, inputs[_GAMMA], lp, args.vgs_lambda)
             loss = vgs_loss(token_loss, inputs[_COEFFICIENTS], num_prompts, args.vgs_eta)
             terms = torch.stack([standard, visual, language]).detach()
-            self._vgs_sums = torch.stack([*terms.sum(dim=(1, 2)), (language.detach() * lp).sum(), lp.sum()]).float()
+            self._vgs_sums = torch.stack(
+                [*terms.sum(dim=(1, 2)), (language.detach() * lp).sum(), lp.sum(), shift.sum(), flip.sum()]
+            ).float()
         elif args.kl_estimator == "sampled_token":
             student_logp, entropy = token_logprobs(
                 student_hidden,
@@ -914,10 +916,13 @@ class VAOPDTrainer(DistillationTrainer):
             metrics["loss/distillation"].append(parts[0].item())
             metrics["loss/policy"].append(parts[1].item())
         if self.args.vgs:
-            vgs = self.accelerator.gather(self._vgs_sums).view(-1, 5).sum(dim=0)
+            vgs = self.accelerator.gather(self._vgs_sums).view(-1, 7).sum(dim=0)
             tokens = sums[1] + sums[3]
             for i, name in enumerate(("standard", "visual", "language")):
                 metrics[f"vgs/{name}"].append((vgs[i] / tokens.clamp(min=1)).item())
             metrics["vgs/language_masked"].append((vgs[3] / vgs[4].clamp(min=1)).item())
             metrics["vgs/lp_share"].append((vgs[4] / tokens.clamp(min=1)).item())
+            # Where the visual target left the teacher (docs/methods/vgs.md, "When VGS fails")
+            metrics["vgs/target_shift"].append((vgs[5] / tokens.clamp(min=1)).item())
+            metrics["vgs/target_flip_share"].append((vgs[6] / tokens.clamp(min=1)).item())
         return output

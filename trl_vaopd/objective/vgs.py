@@ -45,6 +45,12 @@ class VGSTerms(NamedTuple):
     """`KL(pbar || qbar)`, with gradient through `pbar`."""
     vds: torch.Tensor
     """Visual dependency score `KL(q || qbar)`, teacher only, detached."""
+    target_shift: torch.Tensor
+    """`KL(q* || q)`: how far the visual target moved from the teacher's own prediction (a diagnostic, detached).
+    Where the teacher's two views agree, `q*` is the student's no-image prediction `pbar`, so a student without a
+    meaningful text-only prior drags the target away from the teacher."""
+    target_flip: torch.Tensor
+    """`1` where the visual target's most likely token differs from the teacher's (a diagnostic), else `0`."""
 
 
 def kl_from_logprobs(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -81,7 +87,8 @@ def vgs_token_terms(
         temperature: softmax temperature of all four distributions (the paper: 1).
 
     Returns:
-        `VGSTerms(standard, visual, language, vds)`, each `(N, T)`, zero on invalid positions.
+        `VGSTerms(standard, visual, language, vds, target_shift, target_flip)`, each `(N, T)`, zero on invalid
+        positions.
     """
     shapes = {tuple(t.shape) for t in (student_logits, student_cf_logits, teacher_logits, teacher_cf_logits)}
     if len(shapes) != 1 or tuple(student_logits.shape[:2]) != tuple(mask.shape):
@@ -104,6 +111,8 @@ def vgs_token_terms(
         visual=masked(kl_from_logprobs(log_p, log_q_star)),
         language=masked(kl_from_logprobs(log_pbar, log_qbar)),
         vds=masked(kl_from_logprobs(log_q, log_qbar)),
+        target_shift=masked(kl_from_logprobs(log_q_star, log_q).detach()),
+        target_flip=masked((log_q_star.argmax(-1) != log_q.argmax(-1)).to(log_q.dtype)),
     )
 
 
