@@ -10,6 +10,9 @@ The adapter changes four things of its base and nothing else:
 3. loss: the student runs once per view the objective needs (twice for VGS), and the per-token divergences against the
    kept teacher states are weighted by those coefficients: the teacher never runs again for the loss;
 4. metrics: VA concentration, group shares, per-group KL and the VGS terms, logged through the base's `_metrics`.
+
+With `reward_funcs`, the scoring also computes GRPO's group advantages from the rewards of the whole generation batch,
+and the loss mixes in the policy term (`trl_vaopd.objective.policy`).
 """
 
 from __future__ import annotations
@@ -191,6 +194,10 @@ class VAOPDTrainer(DistillationTrainer):
             does not model. Passing tools raises.
         counterfactual_view (`Callable[[PIL.Image.Image], PIL.Image.Image]`, *optional*):
             A custom pixel view (same output size as input), overriding `args.counterfactual_view`.
+        reward_funcs (`Callable`, `str` or a list of them, *optional*):
+            Verifiable rewards with TRL's reward signature (`"accuracy"`: `trl_vaopd.evaluation.accuracy_reward`),
+            mixed in as GRPO's policy term with weight `1 - args.distillation_weight`
+            (`docs/methods/rewards.md`).
     """
 
     _tag_names = ["trl", "distillation", "vaopd", "trl-vaopd"]
