@@ -164,8 +164,8 @@ def main() -> None:
     scored, logps = [], []
     score_views, generate_and_score = trainer._score_views, trainer._generate_and_score_completions
 
-    def recording_score_views(batch, rows_per_call):
-        scores = score_views(batch, rows_per_call)
+    def recording_score_views(batch, max_rows):
+        scores = score_views(batch, max_rows)
         logps.append((scores.logp.detach().cpu().clone(), scores.cf_logp.detach().cpu().clone()))
         return scores
 
