@@ -99,9 +99,9 @@ SETTINGS = {
 # tokens of the tiny Qwen3-VL (10 x 10 merged 32-pixel patches), a 64-pixel one 4; the question adds about 25
 SHARING_SHAPES = {"long_prompt": (320, 32), "geometry3k_like": (64, 64)}
 SHARING_TRAINERS = ("trl_opd", "vaopd", "vaopd_unshared")
-# (per-device batch, K) of the `batch_layouts` sweep: the benchmark's 8 x 4 first (the reference), then the layouts
-# whose teacher calls split sibling groups before they were cut along groups
-BATCH_LAYOUTS = ((8, 4), (4, 4), (8, 8), (2, 2), (6, 2), (6, 4))
+# (per-device batch, K) of the `batch_layouts` sweep: the benchmark's 8 x 4 first (the reference), then per-device
+# batches of K, 3K/2 and 2K for K = 2, 4, 8 (each K's 2K x K is the reference at that K)
+BATCH_LAYOUTS = ((8, 4), (4, 4), (6, 4), (2, 2), (3, 2), (4, 2), (8, 8), (12, 8), (16, 8))
 BATCH_LAYOUT_SHAPES = ("base", "long_prompt")
 # Phases whose work differs between the trainers by design. `loss_glue` holds TRL OPD's teacher-call plumbing (the
 # teacher runs inside its loss); `teacher_scoring` holds VA-OPD's (the teacher runs while scoring).
@@ -731,17 +731,20 @@ def analyse(results: list[dict], device: str) -> dict:
                 "student_positions_p_over_k_plus_c": prompt / k + length,
                 "micro_batches_hold_whole_groups": per_device % k == 0,
                 "teacher_max_rows_per_call": r["teacher_max_rows"],
+                # Backbone calls of the teacher per optimizer step (a shared prompt's call and its continuation: two)
+                "teacher_calls_per_step": {"trl_opd": _median(o["teacher_calls_per_step"]),
+                                           "vaopd": _median(r["teacher_calls_per_step"])},
                 "step_ratio": r["median_step_time_s"] / o["median_step_time_s"],
                 "repetition_step_ratios": [
                     v / x for v, x in zip(r["repetition_medians_s"], o["repetition_medians_s"], strict=True)
                 ],
             }
         )  # fmt: skip
+    layout_ratios = {(x["shape"], x["per_device_train_batch_size"], x["k"]): x["step_ratio"] for x in layouts}
     for x in layouts:
-        reference = [
-            y for y in layouts if y["shape"] == x["shape"] and (y["per_device_train_batch_size"], y["k"]) == (8, 4)
-        ]
-        x["step_ratio_over_8x4"] = x["step_ratio"] / reference[0]["step_ratio"] if reference else None
+        for name, (per_device, k) in (("8x4", (8, 4)), ("2k_x_k", (2 * x["k"], x["k"]))):
+            reference = layout_ratios.get((x["shape"], per_device, k))
+            x[f"step_ratio_over_{name}"] = x["step_ratio"] / reference if reference else None
 
     def sharing_target(shape: str, bound: float, key: str = "step_ratio"):
         values = [x[key] for x in sharing if x["shape"] == shape]
@@ -771,6 +774,11 @@ def analyse(results: list[dict], device: str) -> dict:
         # Noise of interleaved CPU-time medians on the shared machine: 3% (the repetitions' spread, in the JSON)
         "batch_layouts_step_ratio_le_8x4": all(
             x["step_ratio_over_8x4"] is not None and x["step_ratio_over_8x4"] <= 1.03 for x in layouts
+        )
+        if layouts
+        else None,
+        "batch_layouts_step_ratio_le_2k_x_k": all(
+            x["step_ratio_over_2k_x_k"] is not None and x["step_ratio_over_2k_x_k"] <= 1.03 for x in layouts
         )
         if layouts
         else None,
@@ -975,20 +983,21 @@ def markdown(report: dict) -> str:
             "",
             "## Layouts: per-device batch x K, token positions per rollout and step time against TRL OPD",
             "",
-            "| shape | per-device batch x K | micro-batch x accumulation | prompt P | completion C | teacher positions / rollout: TRL OPD, VA-OPD (2(P/K+C)) | student positions / rollout: TRL OPD, VA-OPD (P/K+C) | most rows in a teacher call | step ratio VA-OPD / TRL OPD (per repetition) | over 8 x 4 |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| shape | per-device batch x K | micro-batch x accumulation | prompt P | completion C | teacher positions / rollout: TRL OPD, VA-OPD (2(P/K+C)) | student positions / rollout: TRL OPD, VA-OPD (P/K+C) | most rows in a teacher call | teacher backbone calls / step: TRL OPD, VA-OPD | step ratio VA-OPD / TRL OPD (per repetition) | over 8 x 4 | over 2K x K |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for x in a["batch_layouts"]:
             t, st = x["teacher_positions_per_rollout"], x["student_positions_per_rollout"]
-            over = x["step_ratio_over_8x4"]
+            over, over_k, calls = x["step_ratio_over_8x4"], x["step_ratio_over_2k_x_k"], x["teacher_calls_per_step"]
             lines.append(
                 f"| {x['shape']} | {x['per_device_train_batch_size']} x {x['k']} | "
                 f"{x['per_device_train_batch_size']} x {x['gradient_accumulation_steps']} | {x['prompt_tokens']:.1f} | "
                 f"{x['completion_tokens']} | {t['trl_opd']:.1f}, {t['vaopd']:.1f} "
                 f"({x['expected_teacher_positions_per_rollout']:.1f}) | {st['trl_opd']:.1f}, {st['vaopd']:.1f} "
                 f"({x['student_positions_p_over_k_plus_c']:.1f}) | {x['teacher_max_rows_per_call']} | "
+                f"{calls['trl_opd']:g}, {calls['vaopd']:g} | "
                 f"{x['step_ratio']:.3f} ({', '.join(f'{v:.3f}' for v in x['repetition_step_ratios'])}) | "
-                f"{'-' if over is None else f'{over:.3f}'} |"
+                f"{'-' if over is None else f'{over:.3f}'} | {'-' if over_k is None else f'{over_k:.3f}'} |"
             )
     e = a["extra_time_s"]
     lines += [
