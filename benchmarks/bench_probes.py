@@ -137,6 +137,7 @@ class StepRecorder(TrainerCallback):
                 "student_prompt_rows": self.probe["student_prompt_rows"],
                 "student_positions": self.probe["student_positions"],
                 "teacher_calls": self.probe["teacher_calls"],
+                "teacher_max_rows": self.probe["teacher_max_rows"],
                 "rollouts": self.probe["rollouts"],
                 "prompt_tokens": self.probe["prompt_tokens"],
                 "completion_lengths": sorted(set(self.probe["completion_lengths"])),
@@ -154,6 +155,7 @@ class StepRecorder(TrainerCallback):
             teacher_prompt_rows=0,
             teacher_positions=0,
             teacher_calls=0,
+            teacher_max_rows=0,
             student_rows=0,
             student_prompt_rows=0,
             student_positions=0,
@@ -206,6 +208,8 @@ def instrument(trainer, student, teacher, clock: PhaseClock, is_vaopd: bool, tur
             probe[f"{model}_positions"] += int(kwargs["attention_mask"][:, -ids.size(1) :].sum())
             if model == "teacher":
                 probe["teacher_calls"] += 1
+                if not shared_prompt:  # the rollouts a call holds at once (a shared prompt's call holds fewer)
+                    probe["teacher_max_rows"] = max(probe["teacher_max_rows"], int(ids.size(0)))
 
         return count
 

@@ -16,8 +16,10 @@ optimizer step and exactly the same completion length (EOS and every special tok
 Every `VAOPDTrainer` run shares each sibling group's prompt (image included) in its teacher and student passes
 (`prefix_sharing=True`, the default). The `sharing` sweep compares TRL OPD, VA-OPD and VA-OPD without sharing
 (`vaopd_unshared`) on two prompt shapes, K = 4 and 8: a long prompt (about 4x the completion, mostly image tokens) and
-a Geometry3K-like one (about half the completion), with micro-batches of 2K rollouts so that a teacher call holds
-whole sibling groups. Besides rows, the hooks count the non-padding token positions each backbone processed.
+a Geometry3K-like one (about half the completion), with micro-batches of 2K rollouts. The `batch_layouts` sweep
+compares TRL OPD and VA-OPD over (per-device batch, K) layouts at the base shape and the long prompt: per-device
+batches of K, 2K and 3K/2, where whole groups fit in a teacher call but not always in a student micro-batch. Besides
+rows, the hooks count the non-padding token positions each backbone processed.
 
 Each run is a fresh process forked from this one (libraries imported once, models built in the child), so its peak
 memory is its own. The runs of one comparison live side by side and take their optimizer steps in turn (lock-step), so
@@ -97,6 +99,10 @@ SETTINGS = {
 # tokens of the tiny Qwen3-VL (10 x 10 merged 32-pixel patches), a 64-pixel one 4; the question adds about 25
 SHARING_SHAPES = {"long_prompt": (320, 32), "geometry3k_like": (64, 64)}
 SHARING_TRAINERS = ("trl_opd", "vaopd", "vaopd_unshared")
+# (per-device batch, K) of the `batch_layouts` sweep: the benchmark's 8 x 4 first (the reference), then per-device
+# batches of K, 3K/2 and 2K for K = 2, 4, 8 (each K's 2K x K is the reference at that K)
+BATCH_LAYOUTS = ((8, 4), (4, 4), (6, 4), (2, 2), (3, 2), (4, 2), (8, 8), (12, 8), (16, 8))
+BATCH_LAYOUT_SHAPES = ("base", "long_prompt")
 # Phases whose work differs between the trainers by design. `loss_glue` holds TRL OPD's teacher-call plumbing (the
 # teacher runs inside its loss); `teacher_scoring` holds VA-OPD's (the teacher runs while scoring).
 DESIGN_PHASES = (
@@ -453,6 +459,7 @@ def summarise(spec: RunSpec, raws: list[dict], clock: str, memory_raws: list[dic
         "student_prompt_rows": sum(s["student_prompt_rows"] for s in every),
         "teacher_cache_bytes_per_rollout": memory["teacher_cache_bytes"] / spec.rollouts,
         "teacher_calls_per_step": [s["teacher_calls"] for s in every],
+        "teacher_max_rows": max(s["teacher_max_rows"] for s in every),
         "completion_lengths_seen": sorted({n for s in every for n in s["completion_lengths"]}),
         "memory": memory,
         "memory_source": "memory runs (fixed malloc thresholds)" if memory_raws else "timed runs",
@@ -554,8 +561,23 @@ def build_plan(opts) -> list[list[RunSpec]]:
         for k in (2, 4, 8, 16):
             if base.rollouts % k == 0:
                 plan += sweep("k", k, k=k)
+    if "batch_layouts" in sweeps:
+        # Per-device batch x K at the same prompt and completion; about 16 rollouts per step (a whole number of
+        # micro-batches and groups); two interleaved repetitions, no memory runs
+        for shape in BATCH_LAYOUT_SHAPES:
+            image_size, length = (base.image_size, base.length) if shape == "base" else SHARING_SHAPES[shape]
+            for per_device, k in BATCH_LAYOUTS:
+                step = math.lcm(per_device, k)
+                extra = {"sweep": "batch_layouts", "shape": shape, "value": per_device * 100 + k}
+                group = [
+                    replace(base, trainer=t, tag=f"batch_{shape}_{per_device}x{k}", image_size=image_size,
+                            length=length, k=k, per_device=per_device, rollouts=math.ceil(16 / step) * step,
+                            extra=extra, warmup=1, steps=4)
+                    for t in PAIR
+                ]  # fmt: skip
+                plan += [group, group]
     if "sharing" in sweeps:
-        # Micro-batches of 2K rollouts: a teacher call (both views of half a micro-batch) holds a whole sibling group
+        # Micro-batches of 2K rollouts, as when these runs were first reported (`batch_layouts` covers other layouts)
         for shape, (image_size, length) in SHARING_SHAPES.items():
             for k in (4, 8):
                 extra = {"sweep": "sharing", "shape": shape, "value": k}
@@ -574,10 +596,10 @@ def build_plan(opts) -> list[list[RunSpec]]:
             plan += sweep("ratio", ratio, teacher=wide)
     if opts.device == "cpu" and not opts.quick:
         # Peak memory from separate short runs with fixed malloc thresholds (see `_fixed_malloc_thresholds`): one per
-        # configuration and trainer, layouts excepted (they only count teacher forwards)
+        # configuration and trainer, layouts excepted (they count forwards and time steps)
         seen, memory = set(), []
         for group in plan:
-            if group[0].tag.startswith("layout_") or group[0].tag in seen:
+            if group[0].tag.startswith(("layout_", "batch_")) or group[0].tag in seen:
                 continue
             seen.add(group[0].tag)
             memory.append([replace(spec, purpose="memory", warmup=0, steps=2) for spec in group])
@@ -683,6 +705,47 @@ def analyse(results: list[dict], device: str) -> dict:
             }
         )
 
+    layouts = []
+    for r in results:
+        if r["config"].get("sweep") != "batch_layouts" or r["trainer"] != "vaopd":
+            continue
+        o = by[(r["tag"], "trl_opd")]
+        c = r["config"]
+        prompt, length = r["prompt_tokens_per_rollout"], c["completion_length"]
+        k, per_device = c["k"], c["per_device_train_batch_size"]
+        layouts.append(
+            {
+                "shape": c["shape"],
+                "per_device_train_batch_size": per_device,
+                "k": k,
+                "gradient_accumulation_steps": c["gradient_accumulation_steps"],
+                "rollouts_per_step": c["rollouts_per_step"],
+                "prompt_tokens": prompt,
+                "completion_tokens": length,
+                "teacher_positions_per_rollout": {"trl_opd": o["teacher_positions_per_rollout"],
+                                                  "vaopd": r["teacher_positions_per_rollout"]},
+                "student_positions_per_rollout": {"trl_opd": o["student_positions_per_rollout"],
+                                                  "vaopd": r["student_positions_per_rollout"]},
+                "expected_teacher_positions_per_rollout": 2 * (prompt / k + length),
+                # P/K + C where micro-batches hold whole groups; else one more prompt per group a micro-batch cuts
+                "student_positions_p_over_k_plus_c": prompt / k + length,
+                "micro_batches_hold_whole_groups": per_device % k == 0,
+                "teacher_max_rows_per_call": r["teacher_max_rows"],
+                # Backbone calls of the teacher per optimizer step (a shared prompt's call and its continuation: two)
+                "teacher_calls_per_step": {"trl_opd": _median(o["teacher_calls_per_step"]),
+                                           "vaopd": _median(r["teacher_calls_per_step"])},
+                "step_ratio": r["median_step_time_s"] / o["median_step_time_s"],
+                "repetition_step_ratios": [
+                    v / x for v, x in zip(r["repetition_medians_s"], o["repetition_medians_s"], strict=True)
+                ],
+            }
+        )  # fmt: skip
+    layout_ratios = {(x["shape"], x["per_device_train_batch_size"], x["k"]): x["step_ratio"] for x in layouts}
+    for x in layouts:
+        for name, (per_device, k) in (("8x4", (8, 4)), ("2k_x_k", (2 * x["k"], x["k"]))):
+            reference = layout_ratios.get((x["shape"], per_device, k))
+            x[f"step_ratio_over_{name}"] = x["step_ratio"] / reference if reference else None
+
     def sharing_target(shape: str, bound: float, key: str = "step_ratio"):
         values = [x[key] for x in sharing if x["shape"] == shape]
         return all(v <= bound for v in values) if values else None
@@ -697,6 +760,28 @@ def analyse(results: list[dict], device: str) -> dict:
         "sharing_long_prompt_step_ratio_le_1.0": sharing_target("long_prompt", 1.0),
         "sharing_geometry3k_like_step_ratio_le_1.15": sharing_target("geometry3k_like", 1.15),
         "sharing_peak_memory_ratio_le_1.05": all(x["peak_ratio"] <= 1.05 for x in sharing) if sharing else None,
+        "batch_layouts_teacher_positions_2_p_over_k_plus_c": all(
+            abs(x["teacher_positions_per_rollout"]["vaopd"] - x["expected_teacher_positions_per_rollout"]) < 1e-6
+            for x in layouts
+        )
+        if layouts
+        else None,
+        "batch_layouts_teacher_calls_within_micro_batch": all(
+            x["teacher_max_rows_per_call"] <= x["per_device_train_batch_size"] for x in layouts
+        )
+        if layouts
+        else None,
+        # Noise of interleaved CPU-time medians on the shared machine: 3% (the repetitions' spread, in the JSON)
+        "batch_layouts_step_ratio_le_8x4": all(
+            x["step_ratio_over_8x4"] is not None and x["step_ratio_over_8x4"] <= 1.03 for x in layouts
+        )
+        if layouts
+        else None,
+        "batch_layouts_step_ratio_le_2k_x_k": all(
+            x["step_ratio_over_2k_x_k"] is not None and x["step_ratio_over_2k_x_k"] <= 1.03 for x in layouts
+        )
+        if layouts
+        else None,
         "teacher_forwards_exact": all(
             r["teacher_forwards_per_rollout"] == EXPECTED_TEACHER_FORWARDS[r["trainer"]] for r in results
         ),
@@ -725,6 +810,7 @@ def analyse(results: list[dict], device: str) -> dict:
         "clock": opd["clock"],
         "method_ratios": ratios,
         "prefix_sharing": sharing,
+        "batch_layouts": layouts,
         "step_time_ratio": step_ratio,
         "step_time_ratio_per_repetition": per_round,
         "step_time_ratio_paired_median": _median(paired),
@@ -849,7 +935,7 @@ def markdown(report: dict) -> str:
         )
     sweeps: dict[str, dict] = {}
     for r in results:
-        if r["config"].get("sweep") not in (None, "sharing"):  # the sharing sweep has a table of its own
+        if r["config"].get("sweep") not in (None, "sharing", "batch_layouts"):  # these two have tables of their own
             sweeps.setdefault(r["config"]["sweep"], {}).setdefault(r["config"]["value"], {})[r["trainer"]] = r
     for name, values in sweeps.items():
         lines += [
@@ -892,6 +978,27 @@ def markdown(report: dict) -> str:
                 )
                 + " |"
             )
+    if a.get("batch_layouts"):
+        lines += [
+            "",
+            "## Layouts: per-device batch x K, token positions per rollout and step time against TRL OPD",
+            "",
+            "| shape | per-device batch x K | micro-batch x accumulation | prompt P | completion C | teacher positions / rollout: TRL OPD, VA-OPD (2(P/K+C)) | student positions / rollout: TRL OPD, VA-OPD (P/K+C) | most rows in a teacher call | teacher backbone calls / step: TRL OPD, VA-OPD | step ratio VA-OPD / TRL OPD (per repetition) | over 8 x 4 | over 2K x K |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for x in a["batch_layouts"]:
+            t, st = x["teacher_positions_per_rollout"], x["student_positions_per_rollout"]
+            over, over_k, calls = x["step_ratio_over_8x4"], x["step_ratio_over_2k_x_k"], x["teacher_calls_per_step"]
+            lines.append(
+                f"| {x['shape']} | {x['per_device_train_batch_size']} x {x['k']} | "
+                f"{x['per_device_train_batch_size']} x {x['gradient_accumulation_steps']} | {x['prompt_tokens']:.1f} | "
+                f"{x['completion_tokens']} | {t['trl_opd']:.1f}, {t['vaopd']:.1f} "
+                f"({x['expected_teacher_positions_per_rollout']:.1f}) | {st['trl_opd']:.1f}, {st['vaopd']:.1f} "
+                f"({x['student_positions_p_over_k_plus_c']:.1f}) | {x['teacher_max_rows_per_call']} | "
+                f"{calls['trl_opd']:g}, {calls['vaopd']:g} | "
+                f"{x['step_ratio']:.3f} ({', '.join(f'{v:.3f}' for v in x['repetition_step_ratios'])}) | "
+                f"{'-' if over is None else f'{over:.3f}'} | {'-' if over_k is None else f'{over_k:.3f}'} |"
+            )
     e = a["extra_time_s"]
     lines += [
         "",
@@ -927,7 +1034,9 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--quick", action="store_true", help="tiny budget (smoke test): base and layouts, memory from the timed runs"
     )
-    parser.add_argument("--sweeps", default=None, help="comma list of vocab,length,k,ratio,sharing; '' for none")
+    parser.add_argument(
+        "--sweeps", default=None, help="comma list of vocab,length,k,ratio,sharing,batch_layouts; '' for none"
+    )
     parser.add_argument("--rounds", type=int, default=None, help="interleaved repetitions of the base runs")
     parser.add_argument("--steps", type=int, default=None, help="measured steps of the base runs")
     parser.add_argument("--length", type=int, default=None, help="completion length of the base runs")
@@ -949,7 +1058,7 @@ def main(argv=None) -> int:
     if opts.rounds is None:
         opts.rounds = 3 if cpu and not opts.quick else 1
     if opts.sweeps is None:
-        opts.sweeps = "vocab,length,k,ratio,sharing" if cpu and not opts.quick else ""
+        opts.sweeps = "vocab,length,k,ratio,sharing,batch_layouts" if cpu and not opts.quick else ""
     if opts.lockstep is None:
         opts.lockstep = cpu
     if opts.threads is None:

@@ -13,11 +13,12 @@ from trl_vaopd.tiny_models import build_model
 class Passes:
     """What a model's backbone computed inside the trainer's scoring and loss passes (generation excluded), counted by
     a forward pre-hook: the rollouts whose completion tokens a call ran (a full pass, or the continuation of a shared
-    prompt), the prompts a shared-prompt call ran, and the non-padding token positions of every call."""
+    prompt), the prompts a shared-prompt call ran, the non-padding token positions of every call, and the most
+    rollouts one call held."""
 
     def __init__(self, model):
         self.active = False
-        self.rollouts = self.prompts = self.positions = 0
+        self.rollouts = self.prompts = self.positions = self.max_rows = 0
         model.base_model.register_forward_pre_hook(self._count, with_kwargs=True)
 
     def _count(self, module, args, kwargs):
@@ -29,6 +30,7 @@ class Passes:
             self.prompts += ids.size(0)  # a shared prompt, whose completions run next on its cache
         else:
             self.rollouts += ids.size(0)
+            self.max_rows = max(self.max_rows, ids.size(0))
 
 
 def count_passes(trainer, *passes: Passes) -> None:

@@ -220,6 +220,48 @@ def assert_update_is_minus_gradient(result: dict, ref: dict, lr: float, names=No
     assert (total_err / total_norm) ** 0.5 < 1e-4
 
 
+def assert_positions_counted(result: dict, per_device: int, view: str, k: int = 4) -> dict[str, int]:
+    """The token positions each process's teacher and student backbones ran in the scoring and loss passes: each
+    piece of a sibling group a call holds runs its prompt once per view, and every completion runs once per view.
+
+    A teacher call holds up to a micro-batch of a process's rollouts, cut along sibling groups: a group split across
+    processes is one piece on each, a group larger than a micro-batch is cut into pieces of a micro-batch. A student call
+    is one micro-batch. Returns the prompts each model ran, over all processes.
+    """
+    counted = {"teacher": 0, "student": 0}
+    for rank, data in enumerate(result["ranks"]):
+        (scored,) = data["scored"]
+        n = scored["prompt_mask"].size(0)
+        group_starts = [i for i in range(n) if i == 0 or (rank * n + i) % k == 0]
+        pieces = [
+            start
+            for s, e in zip(group_starts, [*group_starts[1:], n], strict=True)
+            for start in range(s, e, per_device)
+        ]
+        teacher_masks = [
+            scored["prompt_mask"],
+            scored["counterfactual_prompt_mask" if view == "drop" else "prompt_mask"],
+        ]
+        completions = int(scored["completion_mask"].sum())
+        teacher = data["passes"]["teacher"]
+        assert teacher["prompts"] == 2 * len(pieces)
+        assert teacher["positions"] == sum(int(m[pieces].sum()) + completions for m in teacher_masks)
+        assert teacher["max_rows"] <= per_device
+        student, prompts, positions = data["passes"]["student"], 0, 0
+        for batch in data["micro_batches"]:
+            ids = batch["prompt_ids"]
+            starts = [i for i in range(ids.size(0)) if i == 0 or not torch.equal(ids[i], ids[i - 1])]
+            masks = [batch["prompt_mask"]]
+            if "vgs_gamma" in batch:  # VGS: the student runs the counterfactual view too
+                masks.append(batch["counterfactual_prompt_mask" if view == "drop" else "prompt_mask"])
+            prompts += len(masks) * len(starts)
+            positions += sum(int(m[starts].sum()) + int(batch["completion_mask"].sum()) for m in masks)
+        assert (student["prompts"], student["positions"]) == (prompts, positions)
+        counted["teacher"] += teacher["prompts"]
+        counted["student"] += student["prompts"]
+    return counted
+
+
 # ---------------------------------------------------------------------------------------------------------- tests
 @pytest.mark.parametrize(
     "method,rewards",
@@ -259,6 +301,22 @@ def test_two_process_step_equals_method_objective_on_whole_generation_batch(tmp_
         assert key in logs, key
     assert logs["weights/max"] == pytest.approx(ref["weights"].max().item(), rel=1e-4)
     assert logs["weights/min"] == pytest.approx(ref["weights"].min().item(), rel=1e-4)
+    # Micro-batches of 2 hold pieces of 2 siblings: each of the 6 pieces runs its prompt once per view and pass
+    views = 2 if "vgs" in method else 1
+    assert assert_positions_counted(result, per_device=2, view=view) == {"teacher": 2 * 6, "student": views * 6}
+
+
+def test_two_processes_run_each_piece_of_a_split_group_once_per_view(tmp_path):
+    # 6 rollouts per process, 3 prompts x 4 siblings: the middle prompt's siblings sit on both ranks, two on each. A
+    # teacher call holds one view of a process's 6 rollouts: each group's prompt once per view and process it sits on,
+    # so the split group costs one extra prompt pass per view (the student's one micro-batch per process, one more)
+    result = launch_run(tmp_path, "--per_device", "6", "--accumulation", "1")
+    ref_rows = rollouts_of([result["ranks"][r]["scored"][0] for r in range(2)], build_tokenizer())
+    assert [row.picture for row in ref_rows][4:8] == [ref_rows[4].picture] * 4  # the group split across ranks
+    assert assert_positions_counted(result, per_device=6, view="pixelate") == {
+        "teacher": 2 * (3 + 1),
+        "student": 3 + 1,
+    }
 
 
 @pytest.mark.parametrize("method", [["va_opd"], ["va_opd", "vgs"]], ids=["va_opd", "va_opd+vgs"])

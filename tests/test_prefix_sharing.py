@@ -4,13 +4,14 @@ passes, for every tiny family: hidden states, gradients, the groups found, and t
 import pytest
 import torch
 from conftest import noise_image
-from steps import cat, run_one_step
+from steps import Passes, cat, run_one_step
 from trl.data_utils import prepare_multimodal_messages
 from trl.trainer.utils import split_pixel_values_by_grid
 
 from trl_vaopd.evaluation import tokenize_conversations
 from trl_vaopd.prefix_sharing import (
     backbone_of,
+    call_slices,
     prefix_groups,
     prefix_sharing_support,
     shared_prefix_hidden_states,
@@ -173,11 +174,11 @@ def test_sharing_gives_the_unshared_scores_loss_and_update(
         assert logs[key] == pytest.approx(full_logs[key], rel=RTOL, abs=ATOL), key
     for name, delta in full_delta.items():
         torch.testing.assert_close(shared_delta[name], delta, atol=ATOL, rtol=1e-3, msg=name)
-    # The same rollouts scored, with fewer token positions: each group's prompt runs once per call. A teacher call
-    # holds both views of half a micro-batch, as without sharing: with micro-batches of 2, one rollout per view
+    # The same rollouts scored, with fewer token positions: each group's prompt runs once per call, and teacher calls
+    # of a micro-batch of rows are cut along sibling groups (with micro-batches of 2, two siblings per piece)
     assert teacher.rollouts == full_teacher.rollouts and student.rollouts == full_student.rollouts
-    assert student.positions < full_student.positions
-    assert (teacher.positions < full_teacher.positions) == (per_device >= 4)
+    assert student.positions < full_student.positions and teacher.positions < full_teacher.positions
+    assert teacher.max_rows == full_teacher.max_rows == per_device
     assert full_teacher.prompts == full_student.prompts == 0
 
 
@@ -187,9 +188,87 @@ def test_counted_positions_are_each_groups_prompt_once_and_every_completion(proc
     groups = prefix_groups(split_pixel_values_by_grid(batch))
     prompts = batch["prompt_mask"][groups.first].sum().item()  # one prompt per sibling group
     completions = batch["completion_mask"].sum().item()
-    # The teacher scores both views of half a micro-batch per call (one group here): each view's prompt once
+    # The teacher scores one view of the micro-batch per call (both groups): each group's prompt once per view
     assert teacher.prompts == 2 * groups.num_groups and teacher.positions == 2 * (prompts + completions)
     assert student.prompts == groups.num_groups and student.positions == prompts + completions
+
+
+def test_calls_are_cut_between_groups_unless_a_group_is_larger_than_a_call():
+    assert call_slices([4, 4, 4], 8) == [slice(0, 8), slice(8, 12)]
+    # Half a call is not made of whole groups: the next group waits for the next call
+    assert call_slices([4, 4, 4], 6) == [slice(0, 4), slice(4, 8), slice(8, 12)]
+    assert call_slices([2, 2, 2], 3) == [slice(0, 2), slice(2, 4), slice(4, 6)]
+    # A process's share of the generation batch starting and ending inside groups: the pieces are groups of their own
+    assert call_slices([2, 4, 2], 6) == [slice(0, 6), slice(6, 8)]
+    # Groups larger than a call: pieces of a whole call, the remainder shared with the next group when it fits
+    assert call_slices([4, 4], 2) == [slice(0, 2), slice(2, 4), slice(4, 6), slice(6, 8)]
+    assert call_slices([5, 1], 2) == [slice(0, 2), slice(2, 4), slice(4, 6)]
+    assert call_slices([1] * 5, 2) == [slice(0, 2), slice(2, 4), slice(4, 5)]
+    with pytest.raises(ValueError, match="max_rows=0"):
+        call_slices([4], 0)
+
+
+# (K, per-device batch, accumulation, method): per-device batches of K, 2K and 3K/2 rollouts for K = 2, 4 and 8 under
+# VA-OPD, and one layout under VA-OPD + VGS, whose student runs both views too
+GRID = [(2, 2, 2), (2, 4, 1), (2, 3, 2), (4, 4, 2), (4, 8, 1), (4, 6, 2), (8, 8, 1), (8, 16, 1), (8, 12, 2)]
+LAYOUTS = [(*layout, ["va_opd"]) for layout in GRID] + [(4, 6, 2, ["va_opd", "vgs"])]
+
+
+@pytest.mark.parametrize(
+    "k,per_device,accumulation,method", LAYOUTS, ids=[f"K{k}-{m}x{a}-{'+'.join(x)}" for k, m, a, x in LAYOUTS]
+)
+def test_every_layout_runs_each_groups_prompt_once_per_view_and_pass(
+    processors, tmp_path, k, per_device, accumulation, method
+):
+    trainer, _, teacher, student = run_one_step(
+        processors,
+        tmp_path,
+        method=method,
+        num_generations=k,
+        per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=accumulation,
+    )
+    micro = trainer._buffered_inputs
+    prompts = cat(micro, "prompt_mask").sum(dim=1)  # P of each rollout; siblings are consecutive, shuffled whole
+    completions = int(cat(micro, "completion_mask").sum())
+    n = prompts.numel()
+    ids = cat(micro, "prompt_ids")
+    assert n == per_device * accumulation and all(torch.equal(ids[i], ids[i - i % k]) for i in range(n))
+    group_prompts = int(prompts[::k].sum())
+    # The teacher: each group's prompt once per view, every completion once per view, 2 (P/K + C) per rollout; a call
+    # never holds more rows than a micro-batch (the base trainer's teacher call)
+    assert teacher.prompts == 2 * (n // k)
+    assert teacher.positions == 2 * (group_prompts + completions)
+    assert teacher.max_rows <= per_device
+    # The student: micro-batches of whole groups run P/K + C per rollout; a group cut by a micro-batch boundary (3K/2)
+    # runs its prompt once per piece, one extra prompt pass per cut
+    pieces = [i for i in range(n) if i % k == 0 or i % per_device == 0]
+    views = 2 if "vgs" in method else 1
+    assert student.prompts == views * len(pieces)
+    assert student.positions == views * (int(prompts[pieces].sum()) + completions)
+    assert len(pieces) == n // k + (0 if per_device % k == 0 else accumulation - 1)
+
+
+def test_both_views_in_one_call_are_different_prompts(processors, tmp_path):
+    """A call holding both views of its rollouts (twice its rows fit) runs each view's prompt of each group once: the
+    counterfactual copy of a group differs in pixels, so it is a prefix group of its own, and the scores are those of
+    one call per view."""
+    trainer, _, _, _ = run_one_step(processors, tmp_path, method=["va_opd", "vgs"], per_device_train_batch_size=4,
+                                    gradient_accumulation_steps=2)  # fmt: skip
+    passes = Passes(trainer._teacher_module)
+    passes.active = True
+    batch = trainer._buffered_inputs[0]  # one group of 4, with its counterfactual pixels (VGS keeps them)
+    completions = int(batch["completion_mask"].sum())
+    scores = {}
+    for max_rows in (8, 4):  # both views in one call of 8 rows; one call of 4 rows per view
+        passes.prompts = passes.positions = passes.max_rows = 0
+        scores[max_rows] = trainer._score_views(batch, max_rows)
+        assert passes.prompts == 2  # not 1: the two views' prompts differ in pixels
+        assert passes.positions == 2 * (int(batch["prompt_mask"][0].sum()) + completions)
+        assert passes.max_rows == max_rows
+    for field in ("logp", "cf_logp", "cf_hidden"):
+        torch.testing.assert_close(getattr(scores[8], field), getattr(scores[4], field), atol=ATOL, rtol=RTOL)
+    assert not torch.allclose(scores[8].logp, scores[8].cf_logp)
 
 
 def test_a_student_with_gradient_checkpointing_falls_back_and_says_so(processors, tmp_path, caplog):

@@ -43,9 +43,9 @@ def test_the_teacher_reads_the_cue_in_every_view_and_the_student_never_does(proc
     def spy(trainer):
         score = trainer._score_views
 
-        def recording(batch, rows_per_call):
+        def recording(batch, max_rows):
             seen.append(batch)
-            return score(batch, rows_per_call)
+            return score(batch, max_rows)
 
         trainer._score_views = recording
 

@@ -6,6 +6,10 @@ with `use_cache=True`, its KV cache is repeated to the group's rollouts, and the
 positions they would have had in the full sequence. A model pass then processes `P / K + C` token positions per
 rollout instead of `P + C`, with the same hidden states up to float rounding (tested against the full passes).
 
+That holds when each call holds whole sibling groups: a group cut into pieces runs its prompt once per piece.
+`call_slices` cuts a batch into calls of a given size along its groups, so a group is cut only when it is larger than a
+call (or when the batch starts or ends inside a group, as a process's share of the generation batch may).
+
 Exact for the families whose positions this module can continue: Qwen2.5-VL and Qwen3-VL (multimodal RoPE: the
 completion's text positions continue from the prompt's largest position) and LLaVA (1-D positions continue from the
 cache length; RoPE sees the same relative positions). `prefix_sharing_support` says why any other setting falls
@@ -26,6 +30,7 @@ __all__ = [
     "PREFIX_SHARING_FAMILIES",
     "PrefixGroups",
     "cache_keyword",
+    "call_slices",
     "prefix_groups",
     "prefix_sharing_support",
     "shared_prefix_hidden_states",
@@ -74,6 +79,11 @@ class PrefixGroups:
     def num_groups(self) -> int:
         return self.first.numel()
 
+    @property
+    def sizes(self) -> list[int]:
+        """Rollouts per group, in batch order."""
+        return torch.bincount(self.index, minlength=self.num_groups).tolist()
+
 
 def _same_prompt(rows: dict[str, Any], i: int, j: int) -> bool:
     if not torch.equal(rows["prompt_ids"][i], rows["prompt_ids"][j]):
@@ -99,6 +109,28 @@ def prefix_groups(rows: dict[str, Any]) -> PrefixGroups:
         index[start:] = g
     device = rows["prompt_ids"].device
     return PrefixGroups(index=index.to(device), first=torch.tensor(starts, device=device))
+
+
+def call_slices(sizes: list[int], max_rows: int) -> list[slice]:
+    """Consecutive calls of at most `max_rows` rows over a batch of consecutive groups of `sizes` rows, cut only
+    between groups: whole groups share a call while they fit, so each group's prompt runs once.
+
+    A group of more than `max_rows` rows is cut into pieces of `max_rows` rows (and one of the remainder, which may
+    share a call with the next group): each piece runs the prompt once, `ceil(size / max_rows)` prompt passes in all.
+    """
+    if max_rows < 1:
+        raise ValueError(f"A call needs room for at least one row, got max_rows={max_rows}.")
+    calls, start, end = [], 0, 0
+    for size in sizes:
+        pieces = [max_rows] * (size // max_rows) + ([size % max_rows] if size % max_rows else [])
+        for piece in pieces:
+            if end + piece - start > max_rows:
+                calls.append(slice(start, end))
+                start = end
+            end += piece
+    if end > start:
+        calls.append(slice(start, end))
+    return calls
 
 
 def _completion_positions(backbone: torch.nn.Module, prompt: dict[str, torch.Tensor], length: int) -> torch.Tensor:

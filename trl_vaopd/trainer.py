@@ -3,10 +3,11 @@
 The adapter changes four things of its base and nothing else:
 1. sampling: each prompt is repeated `num_generations` times inside the generation batch;
 2. scoring: once per generation batch, the teacher scores every rollout under the views the run needs (the original
-   image, and the counterfactual view when a component needs it; both views in one batched call when they share a
-   token layout). Its hidden states are kept for the loss, and the pure objective functions turn its log-probabilities
-   into visual advantages, rollout weights (over complete sibling groups, across processes), per-token coefficients
-   and, for VGS, the language-prior mask and per-token gamma (quantiles over the whole generation batch);
+   image, and the counterfactual view when a component needs it), in calls of at most a micro-batch of rows cut
+   along sibling groups, so each group's prompt runs once per view. Its hidden states are kept for the loss, and the
+   pure objective functions turn its log-probabilities into visual advantages, rollout weights (over complete sibling
+   groups, across processes), per-token coefficients and, for VGS, the language-prior mask and per-token gamma
+   (quantiles over the whole generation batch);
 3. loss: the student runs once per view the objective needs (twice for VGS), and the per-token divergences against the
    kept teacher states are weighted by those coefficients: the teacher never runs again for the loss;
 4. metrics: VA concentration, group shares, per-group KL and the VGS terms, logged through the base's `_metrics`.
@@ -69,7 +70,7 @@ from .objective import (
     vgs_token_loss,
     visual_advantage,
 )
-from .prefix_sharing import prefix_groups, prefix_sharing_support, shared_prefix_hidden_states
+from .prefix_sharing import call_slices, prefix_groups, prefix_sharing_support, shared_prefix_hidden_states
 from .privileged import teacher_prompt, validate_privileged_columns
 from .rewards import compute_rewards, resolve_reward_funcs
 from .views import CounterfactualView, drop_image_parts, get_view, rows_without_text
@@ -582,10 +583,7 @@ class VAOPDTrainer(DistillationTrainer):
         and with `prefix_sharing=False`, every rollout runs prompt and completion in full. Which path runs, and why,
         is logged once per role ("teacher", "student").
         """
-        reason = "prefix_sharing=False" if not self.args.prefix_sharing else None
-        if reason is None:
-            checkpointing = role == "student" and model.training and self.args.gradient_checkpointing
-            reason = prefix_sharing_support(model, gradient_checkpointing=checkpointing)
+        reason = self._prefix_sharing_reason(model, role)
         self._announce_path(role, reason)
         if reason is None:
             # Images per rollout, whether `rows` holds them merged or already split (a view's pixels)
@@ -598,6 +596,13 @@ class VAOPDTrainer(DistillationTrainer):
         return self._get_last_hidden_state(
             model, input_ids, attention_mask, rows["completion_ids"].size(1), **multimodal
         )
+
+    def _prefix_sharing_reason(self, model: torch.nn.Module, role: str) -> str | None:
+        """`None` when `model`'s passes share each sibling group's prompt, else why they run full passes."""
+        if not self.args.prefix_sharing:
+            return "prefix_sharing=False"
+        checkpointing = role == "student" and model.training and self.args.gradient_checkpointing
+        return prefix_sharing_support(model, gradient_checkpointing=checkpointing)
 
     def _announce_path(self, role: str, reason: str | None) -> None:
         if (role, reason) in self._announced_paths:
@@ -618,23 +623,31 @@ class VAOPDTrainer(DistillationTrainer):
             )
 
     @torch.no_grad()
-    def _score_views(self, batch: dict[str, Any], rows_per_call: int) -> TeacherScores:
-        """The teacher's scores of every rollout under the views the run needs, `rows_per_call` rollouts at a time."""
+    def _score_views(self, batch: dict[str, Any], max_rows: int) -> TeacherScores:
+        """The teacher's scores of every rollout under the views the run needs, in calls of at most `max_rows` rows.
+
+        Calls are cut along sibling groups (`call_slices`), so each group's prompt runs once per view wherever a group
+        fits in a call. A call holds both views of its rollouts when they share a token layout and twice its rows fit,
+        else one view: the teacher never holds more than `max_rows` rows at once.
+        """
         head, temperature = self._teacher_head, self.args.divergence_temperature
         with_counterfactual, keep_cf_hidden = self.args.needs_counterfactual, self.args.vgs
         batch = split_pixel_values_by_grid(batch)
         n = batch["completion_ids"].size(0)
+        # Full passes cost the same however the rows are cut: then only the call size matters
+        shares = self._prefix_sharing_reason(self._teacher_module, "teacher") is None
+        sizes = prefix_groups(batch).sizes if shares else [1] * n
         logp, hidden, cf_logp, cf_hidden = [], [], [], []
-        for start in range(0, n, rows_per_call):
-            end = min(start + rows_per_call, n)
-            original = _take_rows(batch, slice(start, end))
+        for call in call_slices(sizes, max_rows):
+            original = _take_rows(batch, call)
             tokens, mask = original["completion_ids"], original["completion_mask"]
+            rows = call.stop - call.start
             if not with_counterfactual:
                 hidden_o = self._teacher_hidden(original)
-            elif self.counterfactual_view.keeps_layout:
-                # Same token layout: one teacher call scores both views
+            elif self.counterfactual_view.keeps_layout and 2 * rows <= max_rows:
+                # One call scores both views; their prompts differ in pixels, so they are different prefix groups
                 both = self._teacher_hidden(_concat_rows(original, self._counterfactual_rows(original)))
-                hidden_o, hidden_c = both[: end - start], both[end - start :]
+                hidden_o, hidden_c = both[:rows], both[rows:]
             else:
                 hidden_o = self._teacher_hidden(original)
                 hidden_c = self._teacher_hidden(self._counterfactual_rows(original))
@@ -697,12 +710,10 @@ class VAOPDTrainer(DistillationTrainer):
         batch = super()._generate_and_score_completions(inputs)
         if args.needs_counterfactual:
             batch.update(self._counterfactual_inputs([x["prompt"] for x in inputs], inputs, batch))
+        # A teacher call holds at most a micro-batch of rows, as the base trainer's teacher call in its loss
         micro_batch = args.per_device_train_batch_size if mode == "train" else args.per_device_eval_batch_size
-        # Both views of half a micro-batch per call: the teacher holds as many rows at once as in the base trainer
-        both_views_per_call = args.needs_counterfactual and self.counterfactual_view.keeps_layout
-        rows_per_call = max(1, micro_batch // 2) if both_views_per_call else micro_batch
         teacher_batch = self._teacher_batch(inputs, batch) if args.use_cues else batch
-        scores = self._score_views(teacher_batch, rows_per_call)
+        scores = self._score_views(teacher_batch, micro_batch)
         if not args.vgs:
             # Only VGS's student runs the counterfactual view: its inputs need not stay for the loss
             for key in (_CF_PIXELS, _CF_PROMPT_IDS, _CF_PROMPT_MASK):

@@ -5,8 +5,10 @@ Every process builds the same tiny Qwen3-VL student (seed 0) and teacher (seed 1
 
 - `ranks`: per process, in process order, the generation batch as scored (`scored`: the rollouts in sampling order,
   the student's prompts, and the per-token teacher log-probabilities of both views `VAOPDTrainer._score_views`
-  returned) and the micro-batches the loss consumed (`micro_batches`: `trainer._buffered_inputs`, with the
-  `vaopd_coefficients` and, for VGS, the `vgs_lp_mask` and `vgs_gamma`);
+  returned), the micro-batches the loss consumed (`micro_batches`: `trainer._buffered_inputs`, with the
+  `vaopd_coefficients` and, for VGS, the `vgs_lp_mask` and `vgs_gamma`), and what the teacher's and the student's
+  backbones computed in the scoring and loss passes (`passes`: prompts, rollouts, token positions, most rows in a
+  call, counted as in `tests/steps.py`);
 - `settings`: the objective's settings (method switches and hyperparameters), for the reference;
 - `log_history`, `before` / `after` (full student parameters, gathered under ZeRO-3), `trainable` (names),
   `teacher_sharding` (the teacher's size, and the part of it the main process holds), `world_size`, `distributed_type`.
@@ -28,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from conftest import image_question_dataset, pad_output_head  # noqa: E402
-from steps import token_reward  # noqa: E402
+from steps import Passes, count_passes, token_reward  # noqa: E402
 
 from trl_vaopd import VAOPDConfig, VAOPDTrainer  # noqa: E402
 from trl_vaopd.tiny_models import build_model, build_processor, build_tokenizer  # noqa: E402
@@ -49,6 +51,7 @@ _KEPT = (
     "vgs_lp_mask",
     "vgs_gamma",
     "grpo_advantages",
+    "counterfactual_prompt_mask",
 )
 # The settings the float64 reference needs (a plain dict: the config itself holds the process state)
 _OBJECTIVE_SETTINGS = (
@@ -179,8 +182,8 @@ def main() -> None:
     scored, logps = [], []
     score_views, generate_and_score = trainer._score_views, trainer._generate_and_score_completions
 
-    def recording_score_views(batch, rows_per_call):
-        scores = score_views(batch, rows_per_call)
+    def recording_score_views(batch, max_rows):
+        scores = score_views(batch, max_rows)
         logps.append((scores.logp.detach().cpu().clone(), scores.cf_logp.detach().cpu().clone()))
         return scores
 
@@ -192,6 +195,8 @@ def main() -> None:
 
     trainer._score_views = recording_score_views
     trainer._generate_and_score_completions = recording_generate_and_score
+    passes = {"teacher": Passes(teacher), "student": Passes(student)}
+    count_passes(trainer, *passes.values())
 
     before = snapshot(trainer.model)
     trainer.train()
@@ -201,6 +206,10 @@ def main() -> None:
     local = {
         "scored": scored,
         "micro_batches": [to_cpu(b) for b in trainer._buffered_inputs],
+        "passes": {
+            role: {key: getattr(p, key) for key in ("prompts", "rollouts", "positions", "max_rows")}
+            for role, p in passes.items()
+        },
     }
     ranks = [None] * trainer.accelerator.num_processes
     dist.all_gather_object(ranks, local)
