@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Cost of VA-OPD and VGS next to standard on-policy distillation (OPD), measured on identical models, data and lengths.
 
-Six trainers run on the same student/teacher weights, the same prompts and images, the same number of rollouts per
+Seven trainers run on the same student/teacher weights, the same prompts and images, the same number of rollouts per
 optimizer step and exactly the same completion length (EOS and every special token are suppressed and
 `min_new_tokens = max_completion_length`):
 
@@ -12,6 +12,9 @@ optimizer step and exactly the same completion length (EOS and every special tok
 * `vaopd_vgs` `VAOPDTrainer` with `method=["va_opd", "vgs"]` (pixelate view, which gives both VA and pbar/qbar);
 * `vicur`     `VAOPDTrainer` with `method="vicur"`: the teacher reads a one-sentence cue, the student carries the
               cue-recovery module (one block after layers 0 of its 4: interval 5).
+* `vgs_grpo`  `VAOPDTrainer` with `method="vgs"` (drop view) mixed with GRPO on the answer's accuracy
+              (`reward_funcs="accuracy"`, `distillation_weight=0.3`: the VGS paper's recipe): `vgs` plus the rewards
+              and the policy term.
 
 Every `VAOPDTrainer` run shares each sibling group's prompt (image included) in its teacher and student passes
 (`prefix_sharing=True`, the default). The `sharing` sweep compares TRL OPD, VA-OPD and VA-OPD without sharing
@@ -82,7 +85,7 @@ from trl_vaopd import VAOPDConfig, VAOPDTrainer  # noqa: E402
 from trl_vaopd.tiny_models import build_processor, build_tokenizer  # noqa: E402
 
 
-TRAINERS = ("trl_opd", "vaopd_off", "vaopd", "vgs", "vaopd_vgs", "vicur")
+TRAINERS = ("trl_opd", "vaopd_off", "vaopd", "vgs", "vaopd_vgs", "vicur", "vgs_grpo")
 PAIR = ("trl_opd", "vaopd")
 # The trainers whose teacher and student passes are counted over several micro-batch x accumulation layouts
 LAYOUT_TRAINERS = ("trl_opd", "vaopd", "vaopd_vgs")
@@ -94,7 +97,10 @@ SETTINGS = {
     "vaopd_vgs": {"method": ["va_opd", "vgs"]},
     "vaopd_unshared": {"method": "va_opd", "prefix_sharing": False},
     "vicur": {"method": "vicur"},
+    "vgs_grpo": {"method": "vgs", "counterfactual_view": "drop", "distillation_weight": 0.3},
 }
+# The trainer's `reward_funcs` of the runs that mix in GRPO
+REWARDS = {"vgs_grpo": "accuracy"}
 # Prompt shapes of the sharing sweep: (image side in pixels, completion tokens). A 320-pixel image is 100 visual
 # tokens of the tiny Qwen3-VL (10 x 10 merged 32-pixel patches), a 64-pixel one 4; the question adds about 25
 SHARING_SHAPES = {"long_prompt": (320, 32), "geometry3k_like": (64, 64)}
@@ -116,10 +122,10 @@ DESIGN_PHASES = (
 # Expected teacher and student (training) forwards per rollout: VA-OPD adds the teacher's counterfactual view, VGS also
 # the student's (README, "Methods and what they cost")
 EXPECTED_TEACHER_FORWARDS = {
-    "trl_opd": 1, "vaopd_off": 1, "vaopd": 2, "vgs": 2, "vaopd_vgs": 2, "vaopd_unshared": 2, "vicur": 1,
+    "trl_opd": 1, "vaopd_off": 1, "vaopd": 2, "vgs": 2, "vaopd_vgs": 2, "vaopd_unshared": 2, "vicur": 1, "vgs_grpo": 2,
 }  # fmt: skip
 EXPECTED_STUDENT_FORWARDS = {
-    "trl_opd": 1, "vaopd_off": 1, "vaopd": 1, "vgs": 2, "vaopd_vgs": 2, "vaopd_unshared": 1, "vicur": 1,
+    "trl_opd": 1, "vaopd_off": 1, "vaopd": 1, "vgs": 2, "vaopd_vgs": 2, "vaopd_unshared": 1, "vicur": 1, "vgs_grpo": 2,
 }  # fmt: skip
 
 
@@ -169,6 +175,8 @@ def _dataset(spec: RunSpec) -> Dataset:
             "images": [_noise_image(i, spec.image_size)],
             # ViCuR's cue: what the teacher reads besides the question (ignored by the other trainers)
             "cue": f"The picture shows the number {i} in white on coloured noise.",
+            # The accuracy reward's reference (read by `vgs_grpo`)
+            "answer": str(i),
         }
         for i in range(num_prompts)
     ]
@@ -232,6 +240,7 @@ def run_one(spec: RunSpec, turn=None) -> dict:
     student = build_qwen3_vl(spec.student, tokenizer, seed=0, device=spec.device, dtype=dtype)
     teacher = build_qwen3_vl(spec.teacher, tokenizer, seed=1, device=spec.device, dtype=dtype)
     cls = DistillationTrainer if spec.trainer == "trl_opd" else VAOPDTrainer
+    rewards = {"reward_funcs": REWARDS[spec.trainer]} if spec.trainer in REWARDS else {}
     with tempfile.TemporaryDirectory() as output_dir:
         trainer = cls(
             model=student,
@@ -239,6 +248,7 @@ def run_one(spec: RunSpec, turn=None) -> dict:
             args=_args(spec, output_dir, special_token_ids(tokenizer)),
             train_dataset=_dataset(spec),
             processing_class=processor,
+            **rewards,
         )
         clock = PhaseClock(sync_cuda=spec.device != "cpu")
         recorder = instrument(trainer, student, teacher, clock, is_vaopd=spec.trainer != "trl_opd", turn=turn)
@@ -1109,7 +1119,7 @@ def main(argv=None) -> int:
         if ok is False:
             print(f"target missed: {name}")
     # The headline ratios, last, one per line (VA-OPD's the very last)
-    for trainer in ("vgs", "vaopd_vgs", "vicur"):
+    for trainer in ("vgs", "vaopd_vgs", "vicur", "vgs_grpo"):
         ratios = analysis["method_ratios"][trainer]
         print(f"step_time_ratio {trainer}/opd = {ratios['step_time_ratio']:.2f}")
         print(f"peak_memory_ratio {trainer}/opd = {ratios['peak_memory_ratio']:.2f}")

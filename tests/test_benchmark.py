@@ -17,8 +17,8 @@ import pytest
 
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_vaopd.py"
-EXPECTED = {"trl_opd": 1, "vaopd_off": 1, "vaopd": 2, "vgs": 2, "vaopd_vgs": 2, "vicur": 1}
-EXPECTED_STUDENT = {"trl_opd": 1, "vaopd_off": 1, "vaopd": 1, "vgs": 2, "vaopd_vgs": 2, "vicur": 1}
+EXPECTED = {"trl_opd": 1, "vaopd_off": 1, "vaopd": 2, "vgs": 2, "vaopd_vgs": 2, "vicur": 1, "vgs_grpo": 2}
+EXPECTED_STUDENT = {"trl_opd": 1, "vaopd_off": 1, "vaopd": 1, "vgs": 2, "vaopd_vgs": 2, "vicur": 1, "vgs_grpo": 2}
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +39,8 @@ def quick_run(tmp_path_factory):
 def test_headline_ratios_are_printed_last(quick_run):
     report, stdout, _ = quick_run
     lines = stdout.strip().splitlines()
-    for i, trainer in enumerate(("vgs", "vaopd_vgs", "vicur")):
-        step, peak = lines[-8 + 2 * i], lines[-7 + 2 * i]
+    for i, trainer in enumerate(("vgs", "vaopd_vgs", "vicur", "vgs_grpo")):
+        step, peak = lines[-10 + 2 * i], lines[-9 + 2 * i]
         ratios = report["analysis"]["method_ratios"][trainer]
         assert step == f"step_time_ratio {trainer}/opd = {ratios['step_time_ratio']:.2f}"
         assert peak == f"peak_memory_ratio {trainer}/opd = {ratios['peak_memory_ratio']:.2f}"
