@@ -204,6 +204,31 @@ def test_the_rewards_metrics_reach_tensorboard(processors, tmp_path, monkeypatch
         assert scalars[f"train/{tag}"][0][1] == pytest.approx(logs[tag]), tag
 
 
+def test_grpo_alone_raises_a_dense_reward(processors, tmp_path):
+    """Real training: 24 steps of pure GRPO on a reward the tiny student can learn (the share of its tokens from the
+    lower half of the vocabulary) take the sampled reward from about a half to most tokens."""
+    processor = processors["qwen3_vl"]
+    half = len(processor.tokenizer) // 2
+
+    def low_ids(completion_ids, **kwargs):
+        return [sum(t < half for t in ids) / max(1, len(ids)) for ids in completion_ids]
+
+    trainer = VAOPDTrainer(
+        model=build_model("qwen3_vl", processor, "student"),
+        teacher_model=build_model("qwen3_vl", processor, "teacher", seed=1),
+        args=make_args(
+            tmp_path, method="opd", distillation_weight=0.0, max_steps=24, optim="adamw_torch", learning_rate=3e-2,
+            max_completion_length=8, temperature=1.0,
+        ),
+        train_dataset=image_question_dataset(48),
+        processing_class=processor,
+        reward_funcs=[low_ids],
+    )  # fmt: skip
+    trainer.train()
+    rewards = [entry["reward"] for entry in trainer.state.log_history if "reward" in entry]
+    assert sum(rewards[:4]) / 4 < 0.6 and sum(rewards[-4:]) / 4 > 0.85, rewards
+
+
 # ----------------------------------------------------------------------------------------------------------- refusals
 def trainer_with(tmp_path, processors, reward_funcs, **settings):
     processor = processors["qwen3_vl"]
