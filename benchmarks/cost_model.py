@@ -52,6 +52,8 @@ from trl_vaopd.tiny_models import build_tokenizer  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("opd", "va_opd", "vgs", "vgs_drop", "va_opd+vgs", "vicur", "va_opd+vicur")
+# The modelled parts of a training step (generation apart: the same in every method)
+TRAINING = ("teacher", "student", "heads", "module")
 # Teacher passes per rollout, student passes with gradient per rollout, second views without the image (drop)
 PASSES = {
     "trl_opd": (1, 1, False),
@@ -65,9 +67,10 @@ PASSES = {
 }
 
 
-def timed(fn, repeat: int = 3) -> float:
-    """Median seconds of `fn()` after one warm-up call."""
-    fn()
+def timed(fn, repeat: int = 3, warmup: bool = True) -> float:
+    """Median seconds of `fn()` (after one warm-up call)."""
+    if warmup:
+        fn()
     times = []
     for _ in range(repeat):
         start = time.perf_counter()
@@ -87,9 +90,19 @@ def fit(lengths, seconds) -> tuple[float, float]:
 
 
 # ---------------------------------------------------------------------------------------------------- measurements
-def measure_model(shape: ModelShape, tokenizer, lengths, rows: int, attention_lengths, image_side: int) -> dict:
-    """Per-sequence costs of one decoder layer (`a L + b L^2`), of the vision tower per image, and the saved bytes of
-    one layer per token, for `shape`'s widths (a 1- and a 2-block tower, 1 decoder layer, a small vocabulary)."""
+def measure_model(
+    shape: ModelShape,
+    tokenizer,
+    lengths,
+    rows: int,
+    attention_lengths,
+    image_side: int,
+    repeat: int = 3,
+    images: int = 1,
+) -> dict:
+    """Per-sequence costs of one decoder layer (`a L + b L^2`, `rows` sequences per call), of the vision tower per
+    image (`images` per call), and the saved activation bytes of one layer per token, for `shape`'s widths (a 1- and
+    a 2-block tower, 1 decoder layer, a small vocabulary)."""
     costs = {}
     towers = {}
     for depth in (1, 2):
@@ -114,7 +127,7 @@ def measure_model(shape: ModelShape, tokenizer, lengths, rows: int, attention_le
         return call
 
     for mode, backward in (("fwd", False), ("fwd_bwd", True)):
-        seconds = [timed(layer_call(n, backward)) / rows for n in lengths]
+        seconds = [timed(layer_call(n, backward), repeat) / rows for n in lengths]
         costs[f"layer_{mode}_per_sequence"] = dict(zip(map(str, lengths), seconds, strict=True))
         a, _ = fit(lengths, seconds)
         costs[f"layer_{mode}_a"] = a
@@ -134,16 +147,19 @@ def measure_model(shape: ModelShape, tokenizer, lengths, rows: int, attention_le
         return call
 
     for mode, backward in (("fwd", False), ("fwd_bwd", True)):
-        seconds = [timed(attention_call(n, backward)) for n in attention_lengths]
+        seconds = [timed(attention_call(n, backward), repeat) for n in attention_lengths]
         costs[f"attention_{mode}_per_sequence"] = dict(zip(map(str, attention_lengths), seconds, strict=True))
         # The quadratic part of the attention core; its linear part is already in the layer's `a`
         costs[f"layer_{mode}_b"] = fit(attention_lengths, seconds)[1]
 
     # Saved activations of one layer, per token (what a backward keeps without gradient checkpointing)
     saved = {}
+    weights = {p.untyped_storage().data_ptr() for p in layer.parameters()}
 
     def pack(tensor):
-        saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        key = tensor.untyped_storage().data_ptr()
+        if key not in weights:  # the layer's weights are saved too, but they are not activations
+            saved[key] = tensor.untyped_storage().nbytes()
         return tensor
 
     hidden = torch.randn(1, lengths[0], shape.hidden, requires_grad=True)
@@ -152,10 +168,10 @@ def measure_model(shape: ModelShape, tokenizer, lengths, rows: int, attention_le
         layer(hidden, position_embeddings=embeddings)
     costs["layer_saved_bytes_per_token_fp32"] = sum(saved.values()) / lengths[0]
 
-    # Vision tower per image of `image_side` pixels: a block from the 2- minus the 1-block tower, the rest once
+    # Vision tower per image of `image_side` pixels, `images` per call: a block from the 2- minus the 1-block tower
     grid = image_side // 16
-    pixels = torch.randn(grid * grid, 3 * 2 * 16 * 16)
-    grid_thw = torch.tensor([[1, grid, grid]])
+    pixels = torch.randn(images * grid * grid, 3 * 2 * 16 * 16)
+    grid_thw = torch.tensor([[1, grid, grid]] * images)
     for mode, backward in (("fwd", False), ("fwd_bwd", True)):
         tower = {}
         for depth, m in towers.items():
@@ -169,7 +185,7 @@ def measure_model(shape: ModelShape, tokenizer, lengths, rows: int, attention_le
                     if backward:
                         out.pooler_output.sum().backward()
 
-            tower[depth] = timed(call)
+            tower[depth] = timed(call, repeat) / images
         block = max(tower[2] - tower[1], 0.0)
         costs[f"vision_{mode}_block"] = block
         costs[f"vision_{mode}_rest"] = tower[1] - block
@@ -206,9 +222,9 @@ def measure_heads(student: ModelShape, teacher: ModelShape, vocab: int, tokens: 
 
     out = {}
     for name, fn in (("divergence", divergence), ("teacher_logprob", teacher_logprobs), ("vgs", vgs)):
-        out[name] = timed(fn, repeat=1) / tokens
+        out[name] = timed(fn, repeat=1, warmup=False) / tokens
         w_s.grad = h_s.grad = None
-    out["student_head_fwd"] = timed(student_head, repeat=1) / tokens
+    out["student_head_fwd"] = timed(student_head, repeat=1, warmup=False) / tokens
     return out
 
 
@@ -250,16 +266,19 @@ def step(method: str, m: dict, s: dict, shared: bool) -> dict:
     share = shared and method != "trl_opd"
     images_per_rollout = 1 / k if share else 1.0
     # Teacher: the original view (with the cue for ViCuR), then the counterfactual view(s)
-    teacher = 0.0
+    # The drop view leaves out the image's tokens and its two vision markers
+    dropped = image + 2
+    teacher = teacher_positions = 0.0
     for view in range(teachers):
-        view_prompt = prompt + cue - (image if drop and view else 0)
+        view_prompt = prompt + cue - (dropped if drop and view else 0)
         tokens, pairs = positions(view_prompt, completion, k, share)
+        teacher_positions += tokens
         teacher += pass_cost(tt, s["teacher_layers"], "fwd", tokens, pairs)
         if not (drop and view):
             teacher += images_per_rollout * vision_cost(tt, s["teacher_vision_depth"], "fwd") * s["image_scale"]
     student = 0.0
     for view in range(students):
-        view_prompt = prompt - (image if drop and view else 0)
+        view_prompt = prompt - (dropped if drop and view else 0)
         tokens, pairs = positions(view_prompt, completion, k, share)
         student += pass_cost(st, s["student_layers"], "fwd_bwd", tokens, pairs)
         if not (drop and view):
@@ -279,7 +298,14 @@ def step(method: str, m: dict, s: dict, shared: bool) -> dict:
     tokens, pairs = positions(prompt, completion, k, False)
     generation = pass_cost(st, s["student_layers"], "fwd", tokens, pairs) + heads["student_head_fwd"] * completion
     generation += vision_cost(st, s["student_vision_depth"], "fwd") * s["image_scale"]
-    return {"teacher": teacher, "student": student, "heads": head, "module": module, "generation": generation}
+    return {
+        "teacher": teacher,
+        "student": student,
+        "heads": head,
+        "module": module,
+        "generation": generation,
+        "teacher_positions": teacher_positions,
+    }
 
 
 def memory(method: str, s: dict, saved_per_token: dict, shared: bool) -> float:
@@ -344,14 +370,14 @@ def full_depth(m: dict) -> dict:
         for completion in (512, 1024, 2048):
             s = {**base, **scenario(text, side, completion, 4, m["image_side"])}
             reference = step("trl_opd", m, s, False)
-            ref_train = sum(v for key, v in reference.items() if key != "generation")
+            ref_train = sum(reference[key] for key in TRAINING)
             ref_all = ref_train + reference["generation"]
             ref_memory = memory("trl_opd", s, m["saved"], False)
             for method in METHODS:
                 row = {"prompt": prompt_name, "P": text + s["image_tokens"], "C": completion, "method": method}
                 for shared in (True, False):
                     parts = step(method, m, s, shared)
-                    train = sum(v for key, v in parts.items() if key != "generation")
+                    train = sum(parts[key] for key in TRAINING)
                     tag = "shared" if shared else "unshared"
                     row[f"step_ratio_{tag}"] = train / ref_train
                     row[f"step_ratio_with_generation_{tag}"] = (train + parts["generation"]) / ref_all
@@ -370,12 +396,18 @@ def agreement(tokenizer) -> dict:
     rows = config["per_device_train_batch_size"]
     lengths = (48, 96, 192)
     m = {
-        "student": measure_model(student, tokenizer, lengths, rows, lengths, 64),
-        "teacher": measure_model(teacher, tokenizer, lengths, rows, lengths, 64),
+        # Batched as the benchmark's passes are: a micro-batch of rows (and of images) per call
+        "student": measure_model(student, tokenizer, lengths, rows, lengths, 64, images=rows),
+        "teacher": measure_model(teacher, tokenizer, lengths, rows, lengths, 64, images=rows),
         "heads": measure_heads(student, teacher, len(tokenizer), rows * 32),
         "module_per_row": measure_module(student, 4),
         "image_side": 64,
     }
+    # The benchmark's cue, in tokens: what it added to the teacher's shared prompt, per rollout, times K
+    cue_tokens = config["k"] * (
+        by[("base", "vicur")]["teacher_positions_per_rollout"]
+        - by[("base", "vaopd_off")]["teacher_positions_per_rollout"]
+    )
     names = {
         "vaopd": "va_opd",
         "vgs": "vgs_drop",
@@ -403,10 +435,9 @@ def agreement(tokenizer) -> dict:
             **scenario(0, side, c["completion_length"], c["k"], 64),
         }
         s["prompt_text"] = run["prompt_tokens_per_rollout"] - image_tokens
-        s["cue_tokens"] = 12  # the benchmark's cue, in tiny tokens
+        s["cue_tokens"] = cue_tokens
         shared = trainer != "vaopd_unshared"
         ref, got = step("trl_opd", m, s, False), step(names[trainer], m, s, shared)
-        modelled = ("teacher", "student", "heads", "module")
         # The share of TRL's measured step that the model covers: teacher and student groups and the kernels
         g = opd["group_medians_s"]
         covered = (
@@ -416,7 +447,7 @@ def agreement(tokenizer) -> dict:
             + opd["phase_medians_s"].get("objective_backward", 0)
         )
         share = covered / opd["median_step_time_s"]
-        ratio = sum(got[k] for k in modelled) / sum(ref[k] for k in modelled)
+        ratio = sum(got[k] for k in TRAINING) / sum(ref[k] for k in TRAINING)
         predicted = 1 - share + share * ratio
         measured = run["median_step_time_s"] / opd["median_step_time_s"]
         checks.append(
@@ -427,6 +458,8 @@ def agreement(tokenizer) -> dict:
                 "teacher_ratio_measured": run["group_medians_s"]["teacher"] / g["teacher"],
                 "student_ratio_model": got["student"] / ref["student"],
                 "student_ratio_measured": run["group_medians_s"]["student"] / g["student"],
+                "teacher_positions_model": got["teacher_positions"],
+                "teacher_positions_measured": run["teacher_positions_per_rollout"],
                 "step_ratio_model": predicted,
                 "step_ratio_measured": measured,
             }
@@ -438,6 +471,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="also the agreement with the measured tiny shapes")
     parser.add_argument("--out", default=str(RESULTS / "cost_model.json"))
+    parser.add_argument("--reuse", help="a report of this script: model from its measured costs, measure nothing")
     opts = parser.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -445,10 +479,11 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     student, teacher = REAL_SHAPES["student"], REAL_SHAPES["teacher"]
     side = 448  # 784 patches, 196 visual tokens
-    m = {
-        "student": measure_model(student, tokenizer, (64, 128, 256), 1, (512, 1024, 2048), side),
-        "teacher": measure_model(teacher, tokenizer, (64, 128, 256), 1, (512, 1024, 2048), side),
-        "heads": measure_heads(student, teacher, student.vocab, 64),
+    m = json.loads(Path(opts.reuse).read_text())["measured"] if opts.reuse else None
+    m = m or {
+        "student": measure_model(student, tokenizer, (64, 128, 256), 1, (256, 512, 1024), side, repeat=1),
+        "teacher": measure_model(teacher, tokenizer, (64, 128, 256), 1, (256, 512, 1024), side, repeat=1),
+        "heads": measure_heads(student, teacher, student.vocab, 32),
         "module_per_row": measure_module(student, 196),
         "image_side": side,
     }
@@ -501,12 +536,14 @@ def markdown(report: dict) -> str:
         )
     if "agreement" in report:
         lines.append(
-            "\n| tiny run | trainer | teacher ratio model / measured | student ratio model / measured | step ratio model / measured |"
+            "\n| tiny run | trainer | teacher positions / rollout, model / counted | teacher ratio model / measured "
+            "| student ratio model / measured | step ratio model / measured |"
         )
-        lines.append("|---|---|---|---|---|")
+        lines.append("|---|---|---|---|---|---|")
         for c in report["agreement"]["checks"]:
             lines.append(
-                f"| {c['tag']} | {c['trainer']} | {c['teacher_ratio_model']:.3f} / {c['teacher_ratio_measured']:.3f} | "
+                f"| {c['tag']} | {c['trainer']} | {c['teacher_positions_model']:.2f} / "
+                f"{c['teacher_positions_measured']:.2f} | {c['teacher_ratio_model']:.3f} / {c['teacher_ratio_measured']:.3f} | "
                 f"{c['student_ratio_model']:.3f} / {c['student_ratio_measured']:.3f} | "
                 f"{c['step_ratio_model']:.3f} / {c['step_ratio_measured']:.3f} |"
             )
