@@ -1,6 +1,6 @@
 """GPU check: every method at the real Qwen3-VL-2B / 8B sizes next to TRL's OPD, with nothing from outside.
 
-On one GPU, with no network and no model hub, in about 5 minutes on an H100 (the budget is 8):
+On one GPU, with no network and no model hub, in an estimated 5 minutes on an H100 (not yet run on one; budget 8):
 
 1. builds the student (Qwen3-VL-2B's shape: 28 x 2048, 2.1 B parameters) and the teacher (Qwen3-VL-8B's: 36 x 4096,
    8.8 B parameters) from their configs (`trl_vaopd.model_shapes.REAL_SHAPES`), random weights, bf16, directly on the

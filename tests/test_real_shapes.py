@@ -3,8 +3,9 @@
 The student has Qwen3-VL-2B's widths, heads, head_dim, vision tower widths, patch and merge sizes and its
 151,936-row vocabulary; the teacher Qwen3-VL-8B's, with 152,064 rows (heads of different sizes over one tokenizer, as
 Qwen2.5-VL-3B and -7B pad theirs). Both have 2 decoder layers and a 2-block vision tower with DeepStack on (the
-tower's first block adds its features after decoder layer 0), and images of 256 and 320 pixels become 64 and 100 visual tokens. The
-teacher's input embedding is tied to its head, which saves 2.3 GiB of float32 that nothing here reads.
+tower's first block adds its features after decoder layer 0), and images of 256 and 320 pixels become 64 and 100
+visual tokens. The teacher's input embedding is tied to its head, which saves 2.3 GiB of float32 that nothing here
+reads.
 
 The models are built once per module (about 30 s) and every step trains a copy of the student: one real width pair
 is in memory at a time: 4.3 GiB of teacher, twice 1.9 GiB of student and 1.9 GiB of gradients, about 10 GiB.
