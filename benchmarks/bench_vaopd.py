@@ -75,13 +75,20 @@ import psutil  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 import trl  # noqa: E402
-from bench_models import REAL_SHAPES, ModelShape, build_qwen3_vl, param_bytes, special_token_ids, tiny_shape  # noqa: E402
 from bench_probes import PHASE_GROUPS, PhaseClock, instrument  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from PIL import Image  # noqa: E402
 from trl import DistillationConfig, DistillationTrainer  # noqa: E402
 
 from trl_vaopd import VAOPDConfig, VAOPDTrainer  # noqa: E402
+from trl_vaopd.model_shapes import (  # noqa: E402
+    REAL_SHAPES,
+    ModelShape,
+    build_qwen3_vl,
+    param_bytes,
+    special_token_ids,
+    tiny_shape,
+)
 from trl_vaopd.tiny_models import build_processor, build_tokenizer  # noqa: E402
 
 

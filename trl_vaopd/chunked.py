@@ -216,9 +216,13 @@ def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
 
 
 def _accumulate_grads(grad_logits, hidden, weight, grad_hidden, grad_weight, grad_bias) -> None:
-    # `grad_logits` is (n, V_compared); rows of a padded head beyond the compared vocabulary get no gradient
-    grad_hidden.add_(grad_logits @ weight.float())
-    grad_weight[: weight.size(0)].add_(grad_logits.t() @ hidden.float())
+    # `grad_logits` is (n, V_compared); rows of a padded head beyond the compared vocabulary get no gradient. By
+    # vocabulary chunk, accumulating in place: neither a float32 copy of the head nor a head-sized product
+    h = hidden.float()
+    for start in range(0, weight.size(0), VOCAB_CHUNK_SIZE):
+        end = min(start + VOCAB_CHUNK_SIZE, weight.size(0))
+        grad_hidden.addmm_(grad_logits[:, start:end], weight[start:end].float())
+        grad_weight[start:end].addmm_(grad_logits[:, start:end].t(), h)
     if grad_bias is not None:
         grad_bias[: weight.size(0)].add_(grad_logits.sum(dim=0))
 

@@ -1,19 +1,22 @@
-"""Model shapes for the VA-OPD benchmark: parametrised tiny Qwen3-VL models (CPU) and the real Qwen3-VL-2B / 8B shapes.
+"""Qwen3-VL model shapes: the published Qwen3-VL-2B / 8B ones and parametrised tiny ones, built with random weights.
 
-Everything is random-initialised from hand-written config dicts; nothing is downloaded. The tiny shapes reuse the
-tokenizer and processor of `trl_vaopd.tiny_models` (so the special-token ids line up) but let the benchmark choose the
-widths, depths and the model vocabulary, which may exceed the tokenizer's: the extra embedding rows are never decoded,
-the student simply samples from them, which is all the vocabulary sweep needs.
+One place for these model-family facts: the benchmarks, the cost model, the GPU check and the real-width tests all
+read them here. Everything is random-initialised from hand-written config dicts; nothing is downloaded. The models use
+the tokenizer of `trl_vaopd.tiny_models` (so the special-token ids line up) with a model vocabulary that may exceed
+the tokenizer's, as real checkpoints pad their heads: the extra rows are never decoded (the student may sample them,
+which is all a benchmark needs; the trainer compares heads of different sizes over the tokenizer's tokens).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from unittest import mock
 
 import torch
 from transformers import GenerationConfig, Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-from trl_vaopd.tiny_models import (
+from .tiny_models import (
     ENDOFTEXT,
     IM_END,
     IMAGE_PAD,
@@ -24,7 +27,18 @@ from trl_vaopd.tiny_models import (
 )
 
 
-__all__ = ["ModelShape", "REAL_SHAPES", "build_qwen3_vl", "param_bytes", "special_token_ids", "tiny_shape"]
+__all__ = [
+    "REAL_SHAPES",
+    "ModelShape",
+    "build_qwen3_vl",
+    "merged_tokens",
+    "param_bytes",
+    "special_token_ids",
+    "tiny_shape",
+]
+
+#: Qwen3-VL's vision patch side and spatial merge: one merged visual token per 32 x 32 pixels
+PATCH_SIZE, MERGE_SIZE = 16, 2
 
 
 @dataclass(frozen=True)
@@ -49,6 +63,16 @@ class ModelShape:
 
     def describe(self) -> dict:
         return asdict(self)
+
+    def shallow(self, layers: int = 2, vision_depth: int = 2) -> ModelShape:
+        """The same widths, heads and vocabulary with `layers` decoder layers and a `vision_depth`-block tower.
+
+        DeepStack stays on: the tower's first blocks (as many as the full shape taps, at most `vision_depth`) add their
+        features to what leaves the first decoder layers, as the real taps do after layers 0, 1 and 2; never after
+        the last layer, where they would reach no completion token.
+        """
+        taps = min(len(self.deepstack), vision_depth, layers - 1)
+        return replace(self, layers=layers, vision_depth=vision_depth, deepstack=tuple(range(taps)))
 
 
 def tiny_shape(hidden: int, layers: int = 2, vocab: int | None = None) -> ModelShape:
@@ -111,6 +135,13 @@ REAL_SHAPES: dict[str, ModelShape] = {
 }
 
 
+def merged_tokens(side: int) -> int:
+    """Visual tokens a `side` x `side` image becomes in Qwen3-VL's language model (a multiple of 32 pixels)."""
+    if side % (PATCH_SIZE * MERGE_SIZE):
+        raise ValueError(f"image side {side} is not a multiple of {PATCH_SIZE * MERGE_SIZE} pixels")
+    return (side // (PATCH_SIZE * MERGE_SIZE)) ** 2
+
+
 def special_token_ids(tokenizer) -> list[int]:
     """Ids of every special token of the tiny tokenizer (suppressed during sampling so lengths are forced)."""
     return sorted({tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS})
@@ -143,8 +174,8 @@ def _config(shape: ModelShape, tokenizer) -> Qwen3VLConfig:
         "intermediate_size": shape.vision_intermediate,
         "num_heads": shape.vision_heads,
         "depth": shape.vision_depth,
-        "patch_size": 16,
-        "spatial_merge_size": 2,
+        "patch_size": PATCH_SIZE,
+        "spatial_merge_size": MERGE_SIZE,
         "temporal_patch_size": 2,
         "out_hidden_size": shape.hidden,
         "hidden_act": "gelu_pytorch_tanh",
@@ -165,6 +196,15 @@ def _config(shape: ModelShape, tokenizer) -> Qwen3VLConfig:
     return config
 
 
+@contextmanager
+def _transformers_init_only():
+    """Skip torch's default initialisers while modules are built: transformers' `_init_weights` then sets every
+    weight once (normal, std 0.02; norms one; biases zero), which halves the build time of a real-width model."""
+    skipped = ("kaiming_uniform_", "uniform_", "normal_")
+    with mock.patch.multiple(torch.nn.init, **{name: lambda tensor, *args, **kwargs: tensor for name in skipped}):
+        yield
+
+
 def build_qwen3_vl(
     shape: ModelShape, tokenizer, seed: int, device: str = "cpu", dtype: torch.dtype = torch.float32
 ) -> Qwen3VLForConditionalGeneration:
@@ -174,7 +214,7 @@ def build_qwen3_vl(
         torch.manual_seed(seed)
         if device != "cpu":
             torch.cuda.manual_seed_all(seed)
-        with torch.device(device):
+        with torch.device(device), _transformers_init_only():
             model = Qwen3VLForConditionalGeneration._from_config(config, dtype=dtype)
     model.eval()
     pad_id, eos_id = tokenizer.convert_tokens_to_ids(ENDOFTEXT), tokenizer.convert_tokens_to_ids(IM_END)
