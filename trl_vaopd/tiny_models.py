@@ -48,6 +48,7 @@ from transformers import (
     Qwen3VLVideoProcessor,
 )
 
+from .families import FAMILIES
 from .names import did_you_mean
 
 
@@ -63,10 +64,8 @@ __all__ = [
     "save_tiny_vlm",
 ]
 
-#: Families this module can build. ``llava`` is the non-Qwen family: its processor needs only a tokenizer and a
-#: CLIP-style image processor (no Hub-only assets), its model returns ``last_hidden_state`` from ``model.base_model``
-#: given ``pixel_values``, and TRL's DistillationTrainer handles it with no family-specific inputs.
-TINY_FAMILIES: tuple[str, ...] = ("qwen3_vl", "qwen2_5_vl", "llava")
+#: Families this module can build: every family of :data:`trl_vaopd.families.FAMILIES`, in its order.
+TINY_FAMILIES: tuple[str, ...] = tuple(FAMILIES)
 
 #: Sizes accepted by :func:`build_model`.
 MODEL_SIZES: tuple[str, ...] = ("student", "teacher")
