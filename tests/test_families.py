@@ -27,3 +27,57 @@ def test_unknown_family_has_no_entry(processors):
     model = build_model("qwen3_vl", processors["qwen3_vl"])
     model.config.model_type = "not_a_family"
     assert family_of(model) is None
+
+
+def test_qwen3_vl_moe_teacher_distils_into_a_qwen3_vl_student(processors, tmp_path):
+    """A cross-family pair sharing a tokenizer and a processor trains one step, both models sharing their prompts."""
+    from conftest import image_question_dataset, make_args
+    from steps import Passes, count_passes
+
+    from trl_vaopd import VAOPDTrainer
+
+    processor = processors["qwen3_vl"]
+    student = build_model("qwen3_vl", processor, "student", seed=0)
+    teacher = build_model("qwen3_vl_moe", processors["qwen3_vl_moe"], "teacher", seed=1)
+    teacher_passes, student_passes = Passes(teacher), Passes(student)
+    trainer = VAOPDTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=make_args(tmp_path, method="va_opd", learning_rate=1e-3),
+        train_dataset=image_question_dataset(8),
+        processing_class=processor,
+    )
+    count_passes(trainer, teacher_passes, student_passes)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    logs = trainer.state.log_history[0]
+    assert torch.isfinite(torch.tensor(logs["loss"])) and logs["loss"] > 0 and logs["va/mean"] > 0
+    assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
+    assert teacher_passes.prompts > 0 and student_passes.prompts > 0
+
+
+@pytest.mark.parametrize("method", ["opd", "vicur"])
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_every_method_trains_one_step_on_each_family(processors, tmp_path, family, method):
+    """OPD and ViCuR (the cue teacher and the student's cue-recovery module) on each family; VA-OPD and VGS are in
+    `test_trainer.py`. ViCuR's module is refused by name on a family without it."""
+    from conftest import image_question_dataset
+    from steps import run_one_step
+
+    settings = dict(
+        family=family,
+        method=method,
+        dataset=image_question_dataset(8, cues=True),
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-3,
+    )
+    if method == "vicur" and not FAMILIES[family].cue_recovery:
+        with pytest.raises(ValueError, match=f"got a '{family}' model. Train without it"):
+            run_one_step(processors, tmp_path, **settings)
+        return
+    trainer, delta, _, _ = run_one_step(processors, tmp_path, **settings)
+    assert torch.isfinite(torch.tensor(trainer.state.log_history[0]["loss"]))
+    assert any(d.abs().max() > 0 for n, d in delta.items() if "sink_" not in n)
+    # ViCuR's module trains with the student (its output projection starts at zero, its input ones get no gradient)
+    assert (method == "vicur") == any(d.abs().max() > 0 for n, d in delta.items() if "sink_cross_attns" in n)

@@ -149,6 +149,8 @@ def test_families_and_settings_without_exact_sharing_say_why(processors):
         ("qwen3_vl", ["va_opd"], 8, 1),  # two groups per micro-batch
         ("qwen3_vl", ["va_opd", "vgs"], 2, 4),  # siblings split across micro-batches
         ("qwen2_5_vl", ["va_opd", "vgs"], 4, 2),
+        ("qwen2_vl", ["va_opd"], 4, 2),
+        ("qwen3_vl_moe", ["va_opd"], 4, 2),
         ("llava", ["va_opd"], 4, 2),
     ],
 )

@@ -40,10 +40,13 @@ QWEN_SPECIALS = [
 GRID_KEYS = {
     "qwen3_vl": {"image_grid_thw", "mm_token_type_ids"},
     "qwen2_5_vl": {"image_grid_thw", "mm_token_type_ids"},
+    "qwen2_vl": {"image_grid_thw", "mm_token_type_ids"},
+    "qwen3_vl_moe": {"image_grid_thw", "mm_token_type_ids"},
     "llava": set(),
 }
-IMAGE_TOKEN = {"qwen3_vl": "<|image_pad|>", "qwen2_5_vl": "<|image_pad|>", "llava": "<image>"}
-VISION_PREFIX = {"qwen3_vl": "model.visual.", "qwen2_5_vl": "model.visual.", "llava": "model.vision_tower."}
+QWEN_FAMILIES = ("qwen3_vl", "qwen2_5_vl", "qwen2_vl", "qwen3_vl_moe")
+IMAGE_TOKEN = {**dict.fromkeys(QWEN_FAMILIES, "<|image_pad|>"), "llava": "<image>"}
+VISION_PREFIX = {**dict.fromkeys(QWEN_FAMILIES, "model.visual."), "llava": "model.vision_tower."}
 
 
 def _image(seed: int = 0) -> Image.Image:
@@ -97,8 +100,7 @@ def pairs(processors):
 
 
 def test_families():
-    assert TINY_FAMILIES[:2] == ("qwen3_vl", "qwen2_5_vl")
-    assert len(TINY_FAMILIES) == 3 and TINY_FAMILIES[2] not in ("qwen3_vl", "qwen2_5_vl")
+    assert TINY_FAMILIES == ("qwen3_vl", "qwen2_5_vl", "qwen2_vl", "qwen3_vl_moe", "llava")
 
 
 def test_tokenizer_special_tokens(tokenizer):
@@ -150,7 +152,13 @@ def test_tokenizer_deterministic_and_custom_corpus():
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_processor(family, processors, tokenizer):
     processor = processors[family]
-    expected = {"qwen3_vl": "Qwen3VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor", "llava": "LlavaProcessor"}
+    expected = {
+        "qwen3_vl": "Qwen3VLProcessor",
+        "qwen2_5_vl": "Qwen2_5_VLProcessor",
+        "qwen2_vl": "Qwen2VLProcessor",
+        "qwen3_vl_moe": "Qwen3VLProcessor",
+        "llava": "LlavaProcessor",
+    }
     assert type(processor).__name__ == expected[family]
     assert processor.chat_template == (LLAVA_CHAT_TEMPLATE if family == "llava" else QWEN_CHAT_TEMPLATE)
     assert processor.tokenizer.get_vocab() == tokenizer.get_vocab()
@@ -163,7 +171,7 @@ def test_processor(family, processors, tokenizer):
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN[family])
     n_image_tokens = int((inputs["input_ids"] == image_token_id).sum())
     assert 1 <= n_image_tokens <= 16, n_image_tokens  # only a handful of visual tokens for a 32x32 image
-    if family in ("qwen3_vl", "qwen2_5_vl"):
+    if family in QWEN_FAMILIES:
         grid = inputs["image_grid_thw"]
         assert grid.shape == (1, 3)
         assert int(grid.prod()) // 4 == n_image_tokens  # 2x2 merge
@@ -192,6 +200,8 @@ def test_model_config(family, pairs, tokenizer):
     expected = {
         "qwen3_vl": "Qwen3VLForConditionalGeneration",
         "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+        "qwen2_vl": "Qwen2VLForConditionalGeneration",
+        "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
         "llava": "LlavaForConditionalGeneration",
     }
     vocab = tokenizer.get_vocab()
@@ -214,7 +224,7 @@ def test_model_config(family, pairs, tokenizer):
         assert model.generation_config.pad_token_id == tokenizer.pad_token_id
         assert sum(p.numel() for p in model.parameters()) < 500_000  # tiny
     assert student.config.get_text_config().hidden_size < teacher.config.get_text_config().hidden_size
-    if family == "qwen3_vl":
+    if family in ("qwen3_vl", "qwen3_vl_moe"):
         vision = student.config.vision_config
         assert vision.patch_size == 16 and vision.spatial_merge_size == 2
         assert all(0 <= i < vision.depth for i in vision.deepstack_visual_indexes)
@@ -222,6 +232,13 @@ def test_model_config(family, pairs, tokenizer):
         vision = student.config.vision_config
         assert vision.patch_size == 14 and vision.spatial_merge_size == 2
         assert all(0 <= i < vision.depth for i in vision.fullatt_block_indexes)
+    if family == "qwen2_vl":
+        vision = student.config.vision_config
+        assert vision.patch_size == 14 and vision.spatial_merge_size == 2
+    if family == "qwen3_vl_moe":
+        text = student.config.get_text_config()
+        assert text.num_experts == 4 and text.num_experts_per_tok == 2
+        assert sum("mlp.experts" in n for n, _ in student.named_parameters()) > 0
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)

@@ -252,7 +252,7 @@ def _attach(model: nn.Module, interval: int) -> None:
 
 
 def add_cue_recovery(model: nn.Module, interval: int = 5) -> nn.Module:
-    """Attach the cue-recovery module to a Qwen3-VL, Qwen2.5-VL or LLaVA model (in place) and return the model.
+    """Attach the cue-recovery module to a model of a family in `CUE_RECOVERY_FAMILIES` (in place); return the model.
 
     One `CueRecoveryAttention` after every decoder layer whose index is a multiple of `interval`, and one shared
     RMSNorm pair: on Qwen3-VL-2B's 28 layers (d = 2048), 6 x 4 d^2 + 2 d = 100,667,392 parameters. Its output

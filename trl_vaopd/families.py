@@ -47,6 +47,8 @@ FAMILIES: dict[str, Family] = {
     for family in (
         Family("qwen3_vl", **_QWEN),
         Family("qwen2_5_vl", **_QWEN),
+        Family("qwen2_vl", **_QWEN),
+        Family("qwen3_vl_moe", **_QWEN),
         Family("llava", positions="1d", prefix_sharing=True, cue_recovery=True),
     )
 }

@@ -7,7 +7,7 @@ Hugging Face Hub. This module builds everything from scratch in well under a sec
 * :func:`build_tokenizer` trains a small byte-level BPE tokenizer with the ``tokenizers`` library, carrying the special
   tokens of every supported family and a ChatML chat template.
 * :func:`build_processor` wraps it in the family's real processor (``Qwen3VLProcessor``, ``Qwen2_5_VLProcessor``,
-  ``LlavaProcessor``) with image/video processors sized so a 32x32 image yields only a handful of visual tokens.
+  ``Qwen2VLProcessor``, ``LlavaProcessor``) with image/video processors sized so a 32x32 image yields only a handful of visual tokens.
 * :func:`build_model` instantiates the family's real ``...ForConditionalGeneration`` class with a couple of layers,
   tiny hidden sizes and a vocabulary equal to ``len(tokenizer)``; the ``"teacher"`` size is wider than the
   ``"student"`` size but shares the vocabulary, as distillation requires.
@@ -40,10 +40,15 @@ from transformers import (
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2_5_VLProcessor,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
     Qwen2VLImageProcessor,
+    Qwen2VLProcessor,
     Qwen2VLVideoProcessor,
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
+    Qwen3VLMoeConfig,
+    Qwen3VLMoeForConditionalGeneration,
     Qwen3VLProcessor,
     Qwen3VLVideoProcessor,
 )
@@ -127,15 +132,20 @@ QWEN_CHAT_TEMPLATE: str = _chatml_template(
 #: Chat template of the Llava family: images render as the single ``<image>`` placeholder the processor expands.
 LLAVA_CHAT_TEMPLATE: str = _chatml_template(LLAVA_IMAGE, LLAVA_IMAGE)
 
+# The Qwen families: one image/video processor, the same vision markers and chat template
+_QWEN_FAMILIES = ("qwen3_vl", "qwen2_5_vl", "qwen2_vl", "qwen3_vl_moe")
+# Qwen3-VL-MoE shares Qwen3-VL's processors (its vision tower is Qwen3-VL's)
+_QWEN3_FAMILIES = ("qwen3_vl", "qwen3_vl_moe")
+
 _CHAT_TEMPLATES: dict[str, str] = {
-    "qwen3_vl": QWEN_CHAT_TEMPLATE,
-    "qwen2_5_vl": QWEN_CHAT_TEMPLATE,
+    **dict.fromkeys(_QWEN_FAMILIES, QWEN_CHAT_TEMPLATE),
     "llava": LLAVA_CHAT_TEMPLATE,
 }
 
-# Vision patch geometry per family, mirroring the real checkpoints (Qwen3-VL: 16, Qwen2.5-VL: 14, both merging 2x2
-# patches into one LLM token). Llava uses a CLIP tower; 16-pixel patches give 4 tokens for a 32x32 image.
-_PATCH_SIZE: dict[str, int] = {"qwen3_vl": 16, "qwen2_5_vl": 14, "llava": 16}
+# Vision patch geometry per family, mirroring the real checkpoints (Qwen3-VL and Qwen3-VL-MoE: 16, Qwen2-VL and
+# Qwen2.5-VL: 14, all merging 2x2 patches into one LLM token). Llava uses a CLIP tower; 16-pixel patches give 4 tokens
+# for a 32x32 image.
+_PATCH_SIZE: dict[str, int] = {"qwen3_vl": 16, "qwen2_5_vl": 14, "qwen2_vl": 14, "qwen3_vl_moe": 16, "llava": 16}
 _MERGE_SIZE = 2
 _TEMPORAL_PATCH_SIZE = 2
 
@@ -269,7 +279,8 @@ def build_processor(
         The tokenizer's ``padding_side`` is set to ``"left"``, as TRL's generation requires.
 
     Returns:
-        A ``Qwen3VLProcessor``, ``Qwen2_5_VLProcessor`` or ``LlavaProcessor`` whose ``chat_template`` renders image
+        A ``Qwen3VLProcessor`` (Qwen3-VL and Qwen3-VL-MoE), ``Qwen2_5_VLProcessor``, ``Qwen2VLProcessor`` or
+        ``LlavaProcessor`` whose ``chat_template`` renders image
         parts with the family's placeholder, so ``processor.apply_chat_template(..., tokenize=True,
         return_dict=True)`` works with PIL images in the messages.
     """
@@ -283,7 +294,7 @@ def build_processor(
         tokenizer.chat_template = chat_template
     tokenizer.padding_side = "left"  # TRL generates from left-padded prompts
 
-    if family in ("qwen3_vl", "qwen2_5_vl"):
+    if family in _QWEN_FAMILIES:
         patch = _PATCH_SIZE[family]
         side = _qwen_side(family, image_size)
         # min_pixels (`shortest_edge`) upsamples small images to `side`; max_pixels (`longest_edge`) caps big ones at
@@ -305,7 +316,7 @@ def build_processor(
             "cap_pixels_per_frame": True,
             "max_video_tokens": 16,
         }
-        if family == "qwen3_vl":
+        if family in _QWEN3_FAMILIES:
             # Qwen3-VL's video budget counts pixels over all frames (t * h * w), Qwen2.5-VL's per frame (h * w).
             video_processor = Qwen3VLVideoProcessor(
                 **video_kwargs,
@@ -320,7 +331,8 @@ def build_processor(
         video_processor = Qwen2VLVideoProcessor(
             **video_kwargs, size={"shortest_edge": side * side, "longest_edge": 4 * side * side}
         )
-        return Qwen2_5_VLProcessor(
+        processor_cls = Qwen2_5_VLProcessor if family == "qwen2_5_vl" else Qwen2VLProcessor
+        return processor_cls(
             image_processor=image_processor,
             tokenizer=tokenizer,
             video_processor=video_processor,
@@ -362,7 +374,7 @@ def _token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int:
 
 
 def _qwen_token_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
-    # Both Qwen families place their vision markers by these ids; untied heads as in the released models
+    # The Qwen families place their vision markers by these ids; untied heads as in the released models
     return {
         "image_token_id": _token_id(tokenizer, IMAGE_PAD),
         "video_token_id": _token_id(tokenizer, VIDEO_PAD),
@@ -407,7 +419,7 @@ def _build_config(family: str, tokenizer: PreTrainedTokenizerBase, size: str, im
         "out_hidden_size": hidden,  # the merger projects straight into the text width
     }
 
-    if family == "qwen3_vl":
+    if family in _QWEN3_FAMILIES:
         text_config = dict(
             text_common,
             head_dim=_HEAD_DIM,
@@ -427,7 +439,36 @@ def _build_config(family: str, tokenizer: PreTrainedTokenizerBase, size: str, im
             num_position_embeddings=64,  # learned 8x8 position grid, bilinearly resampled to each image grid
             deepstack_visual_indexes=[0],
         )
-        config = Qwen3VLConfig(text_config=text_config, vision_config=vision_config, **_qwen_token_ids(tokenizer))
+        if family == "qwen3_vl_moe":
+            # Four experts of a quarter of the dense MLP's width in every decoder layer (the dense model's parameter
+            # count), two routed per token
+            text_config.update(
+                num_experts=4, num_experts_per_tok=2, moe_intermediate_size=hidden // 2, decoder_sparse_step=1
+            )
+            config = Qwen3VLMoeConfig(
+                text_config=text_config, vision_config=vision_config, **_qwen_token_ids(tokenizer)
+            )
+        else:
+            config = Qwen3VLConfig(text_config=text_config, vision_config=vision_config, **_qwen_token_ids(tokenizer))
+    elif family == "qwen2_vl":
+        text_config = dict(
+            text_common,
+            bos_token_id=bos_id,
+            eos_token_id=eos_id,
+            rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [2, 3, 3]},
+        )
+        # Qwen2-VL's tower: `embed_dim` wide, projected by its merger to the text width `hidden_size`
+        vision_config = {
+            "embed_dim": hidden,
+            "hidden_size": hidden,
+            "mlp_ratio": 2,
+            "num_heads": heads,
+            "depth": _VISION_DEPTH,
+            "patch_size": _PATCH_SIZE[family],
+            "spatial_merge_size": _MERGE_SIZE,
+            "temporal_patch_size": _TEMPORAL_PATCH_SIZE,
+        }
+        config = Qwen2VLConfig(text_config=text_config, vision_config=vision_config, **_qwen_token_ids(tokenizer))
     elif family == "qwen2_5_vl":
         text_config = dict(
             text_common,
@@ -516,6 +557,8 @@ def build_model(
     model_cls = {
         "qwen3_vl": Qwen3VLForConditionalGeneration,
         "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
+        "qwen2_vl": Qwen2VLForConditionalGeneration,
+        "qwen3_vl_moe": Qwen3VLMoeForConditionalGeneration,
         "llava": LlavaForConditionalGeneration,
     }[family]
 
