@@ -138,8 +138,8 @@ def test_token_positions_processed(processors):
 def test_families_and_settings_without_exact_sharing_say_why(processors):
     model = build_model("qwen3_vl", processors["qwen3_vl"])
     assert "gradient checkpointing" in prefix_sharing_support(model, gradient_checkpointing=True)
-    model.config.model_type = "idefics3"
-    assert "idefics3 is not among the families" in prefix_sharing_support(model)
+    model.config.model_type = "smolvlm"
+    assert "smolvlm is not among the families" in prefix_sharing_support(model)
 
 
 # ------------------------------------------------------------------------------------------------- in the trainer
@@ -152,6 +152,7 @@ def test_families_and_settings_without_exact_sharing_say_why(processors):
         ("qwen2_vl", ["va_opd"], 4, 2),
         ("qwen3_vl_moe", ["va_opd"], 4, 2),
         ("llava", ["va_opd"], 4, 2),
+        ("gemma3", ["va_opd", "vgs"], 4, 2),
     ],
 )
 def test_sharing_gives_the_unshared_scores_loss_and_update(

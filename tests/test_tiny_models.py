@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from trl_vaopd.tiny_models import (
+    GEMMA3_CHAT_TEMPLATE,
     LLAVA_CHAT_TEMPLATE,
     QWEN_CHAT_TEMPLATE,
     TINY_FAMILIES,
@@ -43,10 +44,30 @@ GRID_KEYS = {
     "qwen2_vl": {"image_grid_thw", "mm_token_type_ids"},
     "qwen3_vl_moe": {"image_grid_thw", "mm_token_type_ids"},
     "llava": set(),
+    "gemma3": {"token_type_ids"},
+    "idefics3": {"pixel_attention_mask"},
 }
 QWEN_FAMILIES = ("qwen3_vl", "qwen2_5_vl", "qwen2_vl", "qwen3_vl_moe")
-IMAGE_TOKEN = {**dict.fromkeys(QWEN_FAMILIES, "<|image_pad|>"), "llava": "<image>"}
-VISION_PREFIX = {**dict.fromkeys(QWEN_FAMILIES, "model.visual."), "llava": "model.vision_tower."}
+IMAGE_TOKEN = {
+    **dict.fromkeys(QWEN_FAMILIES, "<|image_pad|>"),
+    "llava": "<image>",
+    "gemma3": "<|image_pad|>",
+    "idefics3": "<image>",
+}
+VISION_PREFIX = {
+    **dict.fromkeys(QWEN_FAMILIES, "model.visual."),
+    "llava": "model.vision_tower.",
+    "gemma3": "model.vision_tower.",
+    "idefics3": "model.vision_model.",
+}
+CHAT_TEMPLATE = {
+    **dict.fromkeys(QWEN_FAMILIES, QWEN_CHAT_TEMPLATE),
+    "llava": LLAVA_CHAT_TEMPLATE,
+    "gemma3": GEMMA3_CHAT_TEMPLATE,
+    "idefics3": LLAVA_CHAT_TEMPLATE,
+}
+# Idefics3's processor adds its image markers to (its copy of) the tokenizer, after the shared ids
+ADDED_TOKENS = {"idefics3": ["<fake_token_around_image>", "<end_of_utterance>"]}
 
 
 def _image(seed: int = 0) -> Image.Image:
@@ -100,7 +121,7 @@ def pairs(processors):
 
 
 def test_families():
-    assert TINY_FAMILIES == ("qwen3_vl", "qwen2_5_vl", "qwen2_vl", "qwen3_vl_moe", "llava")
+    assert TINY_FAMILIES == ("qwen3_vl", "qwen2_5_vl", "qwen2_vl", "qwen3_vl_moe", "llava", "gemma3", "idefics3")
 
 
 def test_tokenizer_special_tokens(tokenizer):
@@ -158,10 +179,13 @@ def test_processor(family, processors, tokenizer):
         "qwen2_vl": "Qwen2VLProcessor",
         "qwen3_vl_moe": "Qwen3VLProcessor",
         "llava": "LlavaProcessor",
+        "gemma3": "Gemma3Processor",
+        "idefics3": "Idefics3Processor",
     }
     assert type(processor).__name__ == expected[family]
-    assert processor.chat_template == (LLAVA_CHAT_TEMPLATE if family == "llava" else QWEN_CHAT_TEMPLATE)
-    assert processor.tokenizer.get_vocab() == tokenizer.get_vocab()
+    assert processor.chat_template == CHAT_TEMPLATE[family]
+    added = {token: len(tokenizer) + i for i, token in enumerate(ADDED_TOKENS.get(family, []))}
+    assert processor.tokenizer.get_vocab() == {**tokenizer.get_vocab(), **added}
     assert processor.tokenizer.padding_side == "left"
     # The shared tokenizer keeps its Qwen template even after building the Llava processor.
     assert tokenizer.chat_template == QWEN_CHAT_TEMPLATE
@@ -177,7 +201,9 @@ def test_processor(family, processors, tokenizer):
         assert int(grid.prod()) // 4 == n_image_tokens  # 2x2 merge
         assert inputs["pixel_values"].shape[0] == int(grid.prod())
     else:
-        assert inputs["pixel_values"].shape == (1, 3, 32, 32)
+        # Idefics3 pads its images to one row per prompt: (prompts, images, 3, height, width)
+        shape = (1, 1, 3, 32, 32) if family == "idefics3" else (1, 3, 32, 32)
+        assert inputs["pixel_values"].shape == shape
     # Batched + padded prompts of different lengths work too (TRL batches prompts).
     batch = processor.apply_chat_template(
         [
@@ -203,16 +229,19 @@ def test_model_config(family, pairs, tokenizer):
         "qwen2_vl": "Qwen2VLForConditionalGeneration",
         "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
         "llava": "LlavaForConditionalGeneration",
+        "gemma3": "Gemma3ForConditionalGeneration",
+        "idefics3": "Idefics3ForConditionalGeneration",
     }
     vocab = tokenizer.get_vocab()
     for model in (student, teacher):
         assert type(model).__name__ == expected[family]
         text = model.config.get_text_config()
-        assert text.vocab_size == len(tokenizer)
-        assert model.get_output_embeddings().weight.shape[0] == len(tokenizer)
+        vocab_size = len(tokenizer) + len(ADDED_TOKENS.get(family, []))
+        assert text.vocab_size == vocab_size
+        assert model.get_output_embeddings().weight.shape[0] == vocab_size
         assert text.num_hidden_layers == 2
         assert model.config.image_token_id == vocab[IMAGE_TOKEN[family]]
-        if family != "llava":
+        if family in QWEN_FAMILIES:
             assert model.config.video_token_id == vocab["<|video_pad|>"]
             assert model.config.vision_start_token_id == vocab["<|vision_start|>"]
             assert model.config.vision_end_token_id == vocab["<|vision_end|>"]
@@ -314,7 +343,8 @@ def test_save_reload_roundtrip(family, tokenizer, tmp_path):
     assert type(reloaded) is type(model) is type(trl_loaded)
     assert type(reloaded_processor) is type(processor)
     assert reloaded_processor.chat_template == processor.chat_template
-    assert reloaded_processor.tokenizer.get_vocab() == tokenizer.get_vocab()
+    assert reloaded_processor.tokenizer.get_vocab() == processor.tokenizer.get_vocab()
+    assert processor.tokenizer.get_vocab().items() >= tokenizer.get_vocab().items()
     assert reloaded_processor.tokenizer.padding_side == "left"
     assert reloaded_processor.tokenizer.eos_token == "<|im_end|>"
     assert reloaded.generation_config.pad_token_id == tokenizer.pad_token_id

@@ -16,7 +16,7 @@ is passed (`past_key_values=` or `cache=`), is unchanged. `W_o` starts at zero, 
 model's function unchanged until it trains (the authors start it at PyTorch's default).
 
 The module lives inside the model under the authors' names (`<backbone>.language_model.sink_cross_attns.<layer>`,
-`.sink_q_norm`, `.sink_kv_norm`), so the optimizer, DDP and ZeRO-3 see its parameters, `save_pretrained` writes them,
+`.sink_q_norm`, `.sink_kv_norm`; the text model is `text_model` on Idefics3, `trl_vaopd.families`), so the optimizer, DDP and ZeRO-3 see its parameters, `save_pretrained` writes them,
 and checkpoints move between this package and the authors' code; `model.config.cue_recovery` records where it goes.
 `load_with_cue_recovery` is the matching load path, and `cue_recovery_modules_to_save` keeps it trainable (and saved)
 next to a PEFT adapter.
@@ -39,7 +39,7 @@ from safetensors import safe_open
 from torch import nn
 from torch.nn import functional as F
 
-from .families import FAMILIES, family_of
+from .families import FAMILIES, family_of, text_model_of
 
 
 __all__ = [
@@ -102,7 +102,7 @@ def _backbone(model: nn.Module) -> nn.Module:
 def _language_model(model: nn.Module) -> nn.Module | None:
     """The decoder stack the module attaches to, `None` for a family without the module."""
     family = family_of(model.base_model.model if isinstance(model, PeftModel) else model)
-    return getattr(_backbone(model), family.text_model, None) if family is not None and family.cue_recovery else None
+    return text_model_of(model) if family is not None and family.cue_recovery else None
 
 
 def has_cue_recovery(model: nn.Module) -> bool:
@@ -217,7 +217,7 @@ def _attach(model: nn.Module, interval: int) -> None:
     if interval < 1:
         raise ValueError(f"interval must be >= 1, got {interval}.")
     backbone = _backbone(model)
-    language_model = getattr(backbone, family.text_model)
+    language_model = text_model_of(model)
     text = model.config.get_text_config()
     num_layers = len(language_model.layers)
     layers = list(range(0, num_layers, interval))

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from peft import PeftModel
 from torch import nn
 
 
-__all__ = ["FAMILIES", "Family", "family_of"]
+__all__ = ["FAMILIES", "Family", "family_of", "text_model_of"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,8 @@ FAMILIES: dict[str, Family] = {
         Family("qwen2_vl", **_QWEN),
         Family("qwen3_vl_moe", **_QWEN),
         Family("llava", positions="1d", prefix_sharing=True, cue_recovery=True),
+        Family("gemma3", positions="1d", prefix_sharing=True, cue_recovery=True),
+        Family("idefics3", positions="1d", prefix_sharing=True, cue_recovery=True, text_model="text_model"),
     )
 }
 
@@ -57,3 +60,11 @@ FAMILIES: dict[str, Family] = {
 def family_of(model: nn.Module) -> Family | None:
     """The facts of the model's family (from its config's `model_type`), `None` for a family not in `FAMILIES`."""
     return FAMILIES.get(model.config.model_type)
+
+
+def text_model_of(model: nn.Module) -> nn.Module | None:
+    """The decoder stack of a model (or of the model under a PEFT adapter), `None` for a family not in `FAMILIES`."""
+    if isinstance(model, PeftModel):
+        model = model.base_model.model
+    family = family_of(model)
+    return None if family is None else getattr(model.base_model, family.text_model)

@@ -7,7 +7,7 @@ Hugging Face Hub. This module builds everything from scratch in well under a sec
 * :func:`build_tokenizer` trains a small byte-level BPE tokenizer with the ``tokenizers`` library, carrying the special
   tokens of every supported family and a ChatML chat template.
 * :func:`build_processor` wraps it in the family's real processor (``Qwen3VLProcessor``, ``Qwen2_5_VLProcessor``,
-  ``Qwen2VLProcessor``, ``LlavaProcessor``) with image/video processors sized so a 32x32 image yields only a handful of visual tokens.
+  ``Qwen2VLProcessor``, ``LlavaProcessor``, ``Gemma3Processor``, ``Idefics3Processor``) with image/video processors sized so a 32x32 image yields only a handful of visual tokens.
 * :func:`build_model` instantiates the family's real ``...ForConditionalGeneration`` class with a couple of layers,
   tiny hidden sizes and a vocabulary equal to ``len(tokenizer)``; the ``"teacher"`` size is wider than the
   ``"student"`` size but shares the vocabulary, as distillation requires.
@@ -27,7 +27,16 @@ from typing import Any
 import torch
 from transformers import (
     CLIPVisionConfig,
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
+    Gemma3ImageProcessor,
+    Gemma3Processor,
+    Gemma3TextConfig,
     GenerationConfig,
+    Idefics3Config,
+    Idefics3ForConditionalGeneration,
+    Idefics3ImageProcessor,
+    Idefics3Processor,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -51,6 +60,7 @@ from transformers import (
     Qwen3VLMoeForConditionalGeneration,
     Qwen3VLProcessor,
     Qwen3VLVideoProcessor,
+    SiglipVisionConfig,
 )
 
 from .families import FAMILIES
@@ -58,6 +68,7 @@ from .names import did_you_mean
 
 
 __all__ = [
+    "GEMMA3_CHAT_TEMPLATE",
     "LLAVA_CHAT_TEMPLATE",
     "MODEL_SIZES",
     "QWEN_CHAT_TEMPLATE",
@@ -137,15 +148,36 @@ _QWEN_FAMILIES = ("qwen3_vl", "qwen2_5_vl", "qwen2_vl", "qwen3_vl_moe")
 # Qwen3-VL-MoE shares Qwen3-VL's processors (its vision tower is Qwen3-VL's)
 _QWEN3_FAMILIES = ("qwen3_vl", "qwen3_vl_moe")
 
+#: Chat template of the Gemma 3 family: images render as the begin-of-image marker (``<|vision_start|>`` here), which
+#: the processor expands to the marker, the image tokens and the end-of-image marker.
+GEMMA3_CHAT_TEMPLATE: str = _chatml_template(VISION_START, VISION_START)
+
 _CHAT_TEMPLATES: dict[str, str] = {
     **dict.fromkeys(_QWEN_FAMILIES, QWEN_CHAT_TEMPLATE),
     "llava": LLAVA_CHAT_TEMPLATE,
+    "gemma3": GEMMA3_CHAT_TEMPLATE,
+    "idefics3": LLAVA_CHAT_TEMPLATE,
 }
+# Gemma 3's processor reads its markers from named special tokens of the tokenizer; the tiny vocabulary's Qwen vision
+# markers play them (named on a copy only: see `build_tokenizer` on why the shared tokenizer names no image token)
+_GEMMA3_TOKENS = {"boi_token": VISION_START, "eoi_token": VISION_END, "image_token": IMAGE_PAD}
 
 # Vision patch geometry per family, mirroring the real checkpoints (Qwen3-VL and Qwen3-VL-MoE: 16, Qwen2-VL and
 # Qwen2.5-VL: 14, all merging 2x2 patches into one LLM token). Llava uses a CLIP tower; 16-pixel patches give 4 tokens
 # for a 32x32 image.
-_PATCH_SIZE: dict[str, int] = {"qwen3_vl": 16, "qwen2_5_vl": 14, "qwen2_vl": 14, "qwen3_vl_moe": 16, "llava": 16}
+# Gemma 3's SigLIP tower: 8-pixel patches pooled 2x2, so a 32x32 image gives 4 tokens (real: 896 px, 14-pixel patches
+# pooled 4x4 to 256 tokens).
+_PATCH_SIZE: dict[str, int] = {
+    "qwen3_vl": 16,
+    "qwen2_5_vl": 14,
+    "qwen2_vl": 14,
+    "qwen3_vl_moe": 16,
+    "llava": 16,
+    "gemma3": 8,
+    "idefics3": 8,
+}
+# Gemma 3 average-pools 2x2 patches into one token, Idefics3 shuffles them into one (its `scale_factor`)
+_GEMMA3_POOL = _IDEFICS3_SCALE = 2
 _MERGE_SIZE = 2
 _TEMPORAL_PATCH_SIZE = 2
 
@@ -230,18 +262,23 @@ def build_tokenizer(
     )
     backend.train_from_iterator(texts, trainer=trainer)
 
-    tokenizer = PreTrainedTokenizerFast(
+    tokenizer = _wrap(backend)
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    return tokenizer
+
+
+def _wrap(backend: Any, named_tokens: dict[str, str] | None = None) -> PreTrainedTokenizerFast:
+    """The transformers tokenizer around a trained backend, with `named_tokens` (`{"image_token": ...}`) as
+    attributes: the shared tokenizer names none, because the processors read them when present, and a Qwen
+    `image_token` would make LlavaProcessor use `<|image_pad|>` instead of `<image>`."""
+    return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         eos_token=IM_END,
         pad_token=ENDOFTEXT,
-        # A list (not a dict) so no `image_token` attribute is set on the tokenizer: the processors read it when
-        # present, and a Qwen one would make LlavaProcessor use `<|image_pad|>` instead of `<image>`.
-        extra_special_tokens=[t for t in SPECIAL_TOKENS if t not in (IM_END, ENDOFTEXT)],
+        extra_special_tokens=named_tokens or [t for t in SPECIAL_TOKENS if t not in (IM_END, ENDOFTEXT)],
         padding_side="left",
         model_max_length=4096,
     )
-    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
-    return tokenizer
 
 
 def _check_family(family: str) -> None:
@@ -288,7 +325,11 @@ def build_processor(
     if tokenizer is None:
         tokenizer = build_tokenizer(seed=seed)
     chat_template = _CHAT_TEMPLATES[family]
-    if tokenizer.chat_template != chat_template:
+    if family == "gemma3":
+        # Same vocabulary and ids, with the markers named
+        tokenizer = _wrap(copy.deepcopy(tokenizer.backend_tokenizer), _GEMMA3_TOKENS)
+        tokenizer.chat_template = chat_template
+    elif tokenizer.chat_template != chat_template:
         # Don't mutate the caller's (possibly shared) tokenizer; the copy keeps the same vocabulary and ids.
         tokenizer = copy.deepcopy(tokenizer)
         tokenizer.chat_template = chat_template
@@ -337,6 +378,36 @@ def build_processor(
             tokenizer=tokenizer,
             video_processor=video_processor,
             chat_template=chat_template,
+        )
+
+    if family == "gemma3":
+        side = _PATCH_SIZE[family] * _GEMMA3_POOL
+        if image_size % side:
+            raise ValueError(f"gemma3 needs an image_size that is a multiple of {side}, got {image_size}")
+        # Resized to a fixed square, as Gemma 3 does at 896 px (no pan-and-scan crops)
+        return Gemma3Processor(
+            image_processor=Gemma3ImageProcessor(size={"height": image_size, "width": image_size}),
+            tokenizer=tokenizer,
+            chat_template=chat_template,
+            image_seq_length=(image_size // side) ** 2,
+        )
+
+    if family == "idefics3":
+        side = _PATCH_SIZE[family] * _IDEFICS3_SCALE
+        if image_size % side:
+            raise ValueError(f"idefics3 needs an image_size that is a multiple of {side}, got {image_size}")
+        # One global image of `image_size` pixels per side (no split into tiles). The processor adds its markers
+        # `<fake_token_around_image>` and `<end_of_utterance>` to the tokenizer (a copy: ids above the shared ones)
+        image_processor = Idefics3ImageProcessor(
+            do_image_splitting=False,
+            size={"longest_edge": image_size},
+            max_image_size={"longest_edge": image_size},
+        )
+        return Idefics3Processor(
+            image_processor=image_processor,
+            tokenizer=copy.deepcopy(tokenizer),
+            chat_template=chat_template,
+            image_seq_len=(image_size // side) ** 2,
         )
 
     # llava: CLIP-style resize + center crop to a fixed square, as llava-1.5 does at 336 px.
@@ -486,6 +557,58 @@ def _build_config(family: str, tokenizer: PreTrainedTokenizerBase, size: str, im
             tokens_per_second=2,
         )
         config = Qwen2_5_VLConfig(text_config=text_config, vision_config=vision_config, **_qwen_token_ids(tokenizer))
+    elif family == "gemma3":
+        text_config = Gemma3TextConfig(
+            **text_common,
+            head_dim=_HEAD_DIM,
+            query_pre_attn_scalar=_HEAD_DIM,
+            # One sliding-window layer and one global layer (real: 5 to 1); the window exceeds every tiny sequence
+            layer_types=["sliding_attention", "full_attention"],
+            sliding_window=512,
+            bos_token_id=bos_id,
+            eos_token_id=eos_id,
+            tie_word_embeddings=False,
+        )
+        vision_config = SiglipVisionConfig(
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=_VISION_DEPTH,
+            num_attention_heads=heads,
+            image_size=image_size,
+            patch_size=_PATCH_SIZE[family],
+        )
+        config = Gemma3Config(
+            text_config=text_config,
+            vision_config=vision_config,
+            mm_tokens_per_image=(image_size // (_PATCH_SIZE[family] * _GEMMA3_POOL)) ** 2,
+            boi_token_index=_token_id(tokenizer, VISION_START),
+            eoi_token_index=_token_id(tokenizer, VISION_END),
+            image_token_index=_token_id(tokenizer, IMAGE_PAD),
+            tie_word_embeddings=False,
+        )
+    elif family == "idefics3":
+        text_config = LlamaConfig(
+            **text_common,
+            head_dim=_HEAD_DIM,
+            bos_token_id=bos_id,
+            eos_token_id=eos_id,
+            tie_word_embeddings=False,
+        )
+        vision_config = {
+            "hidden_size": hidden,
+            "intermediate_size": 2 * hidden,
+            "num_hidden_layers": _VISION_DEPTH,
+            "num_attention_heads": heads,
+            "image_size": image_size,
+            "patch_size": _PATCH_SIZE[family],
+        }
+        config = Idefics3Config(
+            text_config=text_config,
+            vision_config=vision_config,
+            scale_factor=_IDEFICS3_SCALE,
+            image_token_id=_token_id(tokenizer, LLAVA_IMAGE),
+            tie_word_embeddings=False,
+        )
     else:  # llava
         text_config = LlamaConfig(
             **text_common,
@@ -550,9 +673,16 @@ def build_model(
     if size not in MODEL_SIZES:
         raise ValueError(f"Unknown size {size!r}; expected one of {MODEL_SIZES}")
     tokenizer, processor = _split(processor_or_tokenizer)
+    if family == "idefics3" and processor is None:
+        # The vocabulary is that of the processor's tokenizer, which has the family's image markers added
+        tokenizer, processor = _split(build_processor(family, tokenizer))
     image_size = 32
     if family == "llava" and processor is not None:
         image_size = int(processor.image_processor.crop_size["height"])
+    if family == "gemma3" and processor is not None:
+        image_size = int(processor.image_processor.size["height"])
+    if family == "idefics3":
+        image_size = int(processor.image_processor.max_image_size["longest_edge"])
     config = _build_config(family, tokenizer, size, image_size)
     model_cls = {
         "qwen3_vl": Qwen3VLForConditionalGeneration,
@@ -560,12 +690,19 @@ def build_model(
         "qwen2_vl": Qwen2VLForConditionalGeneration,
         "qwen3_vl_moe": Qwen3VLMoeForConditionalGeneration,
         "llava": LlavaForConditionalGeneration,
+        "gemma3": Gemma3ForConditionalGeneration,
+        "idefics3": Idefics3ForConditionalGeneration,
     }[family]
 
     # Fork the RNG so seeding here neither depends on nor disturbs the caller's random state.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = model_cls(config)
+        if family == "gemma3":
+            # transformers starts Gemma 3's image projection at zero, which would hide the image from a random model;
+            # a unit-scale random one passes the normalised image features on, as a trained projection does
+            projection = model.model.multi_modal_projector.mm_input_projection_weight
+            torch.nn.init.normal_(projection, std=projection.size(0) ** -0.5)
     model = model.to(dtype)
     model.eval()
 
