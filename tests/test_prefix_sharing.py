@@ -153,6 +153,8 @@ def test_families_and_settings_without_exact_sharing_say_why(processors):
         ("qwen3_vl_moe", ["va_opd"], 4, 2),
         ("llava", ["va_opd"], 4, 2),
         ("gemma3", ["va_opd", "vgs"], 4, 2),
+        ("idefics3", ["va_opd"], 4, 2),
+        ("internvl", ["va_opd"], 4, 2),
     ],
 )
 def test_sharing_gives_the_unshared_scores_loss_and_update(

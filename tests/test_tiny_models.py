@@ -17,6 +17,7 @@ from PIL import Image
 
 from trl_vaopd.tiny_models import (
     GEMMA3_CHAT_TEMPLATE,
+    INTERNVL_CHAT_TEMPLATE,
     LLAVA_CHAT_TEMPLATE,
     QWEN_CHAT_TEMPLATE,
     TINY_FAMILIES,
@@ -46,6 +47,7 @@ GRID_KEYS = {
     "llava": set(),
     "gemma3": {"token_type_ids"},
     "idefics3": {"pixel_attention_mask"},
+    "internvl": set(),
 }
 QWEN_FAMILIES = ("qwen3_vl", "qwen2_5_vl", "qwen2_vl", "qwen3_vl_moe")
 IMAGE_TOKEN = {
@@ -53,18 +55,21 @@ IMAGE_TOKEN = {
     "llava": "<image>",
     "gemma3": "<|image_pad|>",
     "idefics3": "<image>",
+    "internvl": "<|image_pad|>",
 }
 VISION_PREFIX = {
     **dict.fromkeys(QWEN_FAMILIES, "model.visual."),
     "llava": "model.vision_tower.",
     "gemma3": "model.vision_tower.",
     "idefics3": "model.vision_model.",
+    "internvl": "model.vision_tower.",
 }
 CHAT_TEMPLATE = {
     **dict.fromkeys(QWEN_FAMILIES, QWEN_CHAT_TEMPLATE),
     "llava": LLAVA_CHAT_TEMPLATE,
     "gemma3": GEMMA3_CHAT_TEMPLATE,
     "idefics3": LLAVA_CHAT_TEMPLATE,
+    "internvl": INTERNVL_CHAT_TEMPLATE,
 }
 # Idefics3's processor adds its image markers to (its copy of) the tokenizer, after the shared ids
 ADDED_TOKENS = {"idefics3": ["<fake_token_around_image>", "<end_of_utterance>"]}
@@ -121,7 +126,16 @@ def pairs(processors):
 
 
 def test_families():
-    assert TINY_FAMILIES == ("qwen3_vl", "qwen2_5_vl", "qwen2_vl", "qwen3_vl_moe", "llava", "gemma3", "idefics3")
+    assert TINY_FAMILIES == (
+        "qwen3_vl",
+        "qwen2_5_vl",
+        "qwen2_vl",
+        "qwen3_vl_moe",
+        "llava",
+        "gemma3",
+        "idefics3",
+        "internvl",
+    )
 
 
 def test_tokenizer_special_tokens(tokenizer):
@@ -181,6 +195,7 @@ def test_processor(family, processors, tokenizer):
         "llava": "LlavaProcessor",
         "gemma3": "Gemma3Processor",
         "idefics3": "Idefics3Processor",
+        "internvl": "InternVLProcessor",
     }
     assert type(processor).__name__ == expected[family]
     assert processor.chat_template == CHAT_TEMPLATE[family]
@@ -231,6 +246,7 @@ def test_model_config(family, pairs, tokenizer):
         "llava": "LlavaForConditionalGeneration",
         "gemma3": "Gemma3ForConditionalGeneration",
         "idefics3": "Idefics3ForConditionalGeneration",
+        "internvl": "InternVLForConditionalGeneration",
     }
     vocab = tokenizer.get_vocab()
     for model in (student, teacher):

@@ -7,7 +7,8 @@ Hugging Face Hub. This module builds everything from scratch in well under a sec
 * :func:`build_tokenizer` trains a small byte-level BPE tokenizer with the ``tokenizers`` library, carrying the special
   tokens of every supported family and a ChatML chat template.
 * :func:`build_processor` wraps it in the family's real processor (``Qwen3VLProcessor``, ``Qwen2_5_VLProcessor``,
-  ``Qwen2VLProcessor``, ``LlavaProcessor``, ``Gemma3Processor``, ``Idefics3Processor``) with image/video processors sized so a 32x32 image yields only a handful of visual tokens.
+  ``Qwen2VLProcessor``, ``LlavaProcessor``, ``Gemma3Processor``, ``Idefics3Processor``,
+  ``InternVLProcessor``) with image/video processors sized so a 32x32 image yields only a handful of visual tokens.
 * :func:`build_model` instantiates the family's real ``...ForConditionalGeneration`` class with a couple of layers,
   tiny hidden sizes and a vocabulary equal to ``len(tokenizer)``; the ``"teacher"`` size is wider than the
   ``"student"`` size but shares the vocabulary, as distillation requires.
@@ -33,10 +34,16 @@ from transformers import (
     Gemma3Processor,
     Gemma3TextConfig,
     GenerationConfig,
+    GotOcr2ImageProcessor,
     Idefics3Config,
     Idefics3ForConditionalGeneration,
     Idefics3ImageProcessor,
     Idefics3Processor,
+    InternVLConfig,
+    InternVLForConditionalGeneration,
+    InternVLProcessor,
+    InternVLVideoProcessor,
+    InternVLVisionConfig,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -49,6 +56,7 @@ from transformers import (
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2_5_VLProcessor,
+    Qwen2Config,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
     Qwen2VLImageProcessor,
@@ -69,6 +77,7 @@ from .names import did_you_mean
 
 __all__ = [
     "GEMMA3_CHAT_TEMPLATE",
+    "INTERNVL_CHAT_TEMPLATE",
     "LLAVA_CHAT_TEMPLATE",
     "MODEL_SIZES",
     "QWEN_CHAT_TEMPLATE",
@@ -152,15 +161,26 @@ _QWEN3_FAMILIES = ("qwen3_vl", "qwen3_vl_moe")
 #: the processor expands to the marker, the image tokens and the end-of-image marker.
 GEMMA3_CHAT_TEMPLATE: str = _chatml_template(VISION_START, VISION_START)
 
+#: Chat template of the InternVL family: images render as the image context token ``<|image_pad|>``, which the
+#: processor expands to ``<|vision_start|>``, the image tokens and ``<|vision_end|>``.
+INTERNVL_CHAT_TEMPLATE: str = _chatml_template(IMAGE_PAD, VIDEO_PAD)
+
 _CHAT_TEMPLATES: dict[str, str] = {
     **dict.fromkeys(_QWEN_FAMILIES, QWEN_CHAT_TEMPLATE),
     "llava": LLAVA_CHAT_TEMPLATE,
     "gemma3": GEMMA3_CHAT_TEMPLATE,
     "idefics3": LLAVA_CHAT_TEMPLATE,
+    "internvl": INTERNVL_CHAT_TEMPLATE,
 }
 # Gemma 3's processor reads its markers from named special tokens of the tokenizer; the tiny vocabulary's Qwen vision
 # markers play them (named on a copy only: see `build_tokenizer` on why the shared tokenizer names no image token)
 _GEMMA3_TOKENS = {"boi_token": VISION_START, "eoi_token": VISION_END, "image_token": IMAGE_PAD}
+_INTERNVL_TOKENS = {
+    "start_image_token": VISION_START,
+    "end_image_token": VISION_END,
+    "context_image_token": IMAGE_PAD,
+    "video_token": VIDEO_PAD,
+}
 
 # Vision patch geometry per family, mirroring the real checkpoints (Qwen3-VL and Qwen3-VL-MoE: 16, Qwen2-VL and
 # Qwen2.5-VL: 14, all merging 2x2 patches into one LLM token). Llava uses a CLIP tower; 16-pixel patches give 4 tokens
@@ -175,9 +195,11 @@ _PATCH_SIZE: dict[str, int] = {
     "llava": 16,
     "gemma3": 8,
     "idefics3": 8,
+    "internvl": 8,
 }
-# Gemma 3 average-pools 2x2 patches into one token, Idefics3 shuffles them into one (its `scale_factor`)
-_GEMMA3_POOL = _IDEFICS3_SCALE = 2
+# Gemma 3 average-pools 2x2 patches into one token, Idefics3 and InternVL shuffle them into one (`scale_factor`,
+# `downsample_ratio` 0.5)
+_GEMMA3_POOL = _IDEFICS3_SCALE = _INTERNVL_SCALE = 2
 _MERGE_SIZE = 2
 _TEMPORAL_PATCH_SIZE = 2
 
@@ -325,9 +347,10 @@ def build_processor(
     if tokenizer is None:
         tokenizer = build_tokenizer(seed=seed)
     chat_template = _CHAT_TEMPLATES[family]
-    if family == "gemma3":
+    if family in ("gemma3", "internvl"):
         # Same vocabulary and ids, with the markers named
-        tokenizer = _wrap(copy.deepcopy(tokenizer.backend_tokenizer), _GEMMA3_TOKENS)
+        named = _GEMMA3_TOKENS if family == "gemma3" else _INTERNVL_TOKENS
+        tokenizer = _wrap(copy.deepcopy(tokenizer.backend_tokenizer), named)
         tokenizer.chat_template = chat_template
     elif tokenizer.chat_template != chat_template:
         # Don't mutate the caller's (possibly shared) tokenizer; the copy keeps the same vocabulary and ids.
@@ -408,6 +431,20 @@ def build_processor(
             tokenizer=copy.deepcopy(tokenizer),
             chat_template=chat_template,
             image_seq_len=(image_size // side) ** 2,
+        )
+
+    if family == "internvl":
+        side = _PATCH_SIZE[family] * _INTERNVL_SCALE
+        if image_size % side:
+            raise ValueError(f"internvl needs an image_size that is a multiple of {side}, got {image_size}")
+        size = {"height": image_size, "width": image_size}
+        # One tile per image (`max_patches=1`: no crops, hence no thumbnail), as for a small image at 448 px
+        return InternVLProcessor(
+            image_processor=GotOcr2ImageProcessor(size=size, max_patches=1),
+            tokenizer=tokenizer,
+            video_processor=InternVLVideoProcessor(size=size),
+            image_seq_length=(image_size // side) ** 2,
+            chat_template=chat_template,
         )
 
     # llava: CLIP-style resize + center crop to a fixed square, as llava-1.5 does at 336 px.
@@ -609,6 +646,26 @@ def _build_config(family: str, tokenizer: PreTrainedTokenizerBase, size: str, im
             image_token_id=_token_id(tokenizer, LLAVA_IMAGE),
             tie_word_embeddings=False,
         )
+    elif family == "internvl":
+        # InternVL 3's text model is Qwen2's; its vision tower InternViT
+        text_config = Qwen2Config(**text_common, bos_token_id=bos_id, eos_token_id=eos_id, tie_word_embeddings=False)
+        vision_config = InternVLVisionConfig(
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=_VISION_DEPTH,
+            num_attention_heads=heads,
+            image_size=[image_size, image_size],
+            patch_size=[_PATCH_SIZE[family]] * 2,
+        )
+        config = InternVLConfig(
+            text_config=text_config,
+            vision_config=vision_config,
+            image_token_id=_token_id(tokenizer, IMAGE_PAD),
+            image_seq_length=(image_size // (_PATCH_SIZE[family] * _INTERNVL_SCALE)) ** 2,
+            downsample_ratio=1 / _INTERNVL_SCALE,
+            vision_feature_layer=-1,  # the last layer, so every vision parameter receives a gradient
+            tie_word_embeddings=False,
+        )
     else:  # llava
         text_config = LlamaConfig(
             **text_common,
@@ -683,6 +740,8 @@ def build_model(
         image_size = int(processor.image_processor.size["height"])
     if family == "idefics3":
         image_size = int(processor.image_processor.max_image_size["longest_edge"])
+    if family == "internvl" and processor is not None:
+        image_size = int(processor.image_processor.size["height"])
     config = _build_config(family, tokenizer, size, image_size)
     model_cls = {
         "qwen3_vl": Qwen3VLForConditionalGeneration,
@@ -692,6 +751,7 @@ def build_model(
         "llava": LlavaForConditionalGeneration,
         "gemma3": Gemma3ForConditionalGeneration,
         "idefics3": Idefics3ForConditionalGeneration,
+        "internvl": InternVLForConditionalGeneration,
     }[family]
 
     # Fork the RNG so seeding here neither depends on nor disturbs the caller's random state.
