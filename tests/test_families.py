@@ -81,3 +81,53 @@ def test_every_method_trains_one_step_on_each_family(processors, tmp_path, famil
     assert any(d.abs().max() > 0 for n, d in delta.items() if "sink_" not in n)
     # ViCuR's module trains with the student (its output projection starts at zero, its input ones get no gradient)
     assert (method == "vicur") == any(d.abs().max() > 0 for n, d in delta.items() if "sink_cross_attns" in n)
+
+
+def smolvlm(processor, size: str, seed: int):
+    """A tiny SmolVLM: Idefics3's architecture and inputs under another `model_type`, outside the table (fed by
+    Idefics3's processor: SmolVLM's own needs the `num2words` package)."""
+    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
+
+    config = build_model("idefics3", processor, size).config
+    config = SmolVLMConfig(
+        text_config=config.text_config.to_dict(),
+        vision_config=config.vision_config.to_dict(),
+        scale_factor=config.scale_factor,
+        image_token_id=config.image_token_id,
+        tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return SmolVLMForConditionalGeneration(config)
+
+
+def test_a_family_outside_the_table_trains_on_full_passes_and_refuses_the_module(processors, tmp_path):
+    from conftest import image_question_dataset, make_args
+    from steps import Passes, count_passes
+
+    from trl_vaopd import VAOPDTrainer
+    from trl_vaopd.cue_recovery import has_cue_recovery
+
+    processor = processors["idefics3"]
+    student, teacher = smolvlm(processor, "student", 0), smolvlm(processor, "teacher", 1)
+    assert family_of(student) is None and not has_cue_recovery(student)
+    teacher_passes = Passes(teacher)
+    trainer = VAOPDTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=make_args(tmp_path, method="va_opd", learning_rate=1e-3),
+        train_dataset=image_question_dataset(8),
+        processing_class=processor,
+    )
+    count_passes(trainer, teacher_passes)
+    trainer.train()
+    assert torch.isfinite(torch.tensor(trainer.state.log_history[0]["loss"]))
+    assert teacher_passes.rollouts == 2 * 8 and teacher_passes.prompts == 0  # full passes, no shared prompt
+    with pytest.raises(ValueError, match="got a 'smolvlm' model. Train without it"):
+        VAOPDTrainer(
+            model=smolvlm(processor, "student", 0),
+            teacher_model=teacher,
+            args=make_args(tmp_path, method="vicur"),
+            train_dataset=image_question_dataset(8, cues=True),
+            processing_class=processor,
+        )

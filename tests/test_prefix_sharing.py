@@ -155,6 +155,7 @@ def test_families_and_settings_without_exact_sharing_say_why(processors):
         ("gemma3", ["va_opd", "vgs"], 4, 2),
         ("idefics3", ["va_opd"], 4, 2),
         ("internvl", ["va_opd"], 4, 2),
+        ("glm4v", ["va_opd"], 4, 2),
     ],
 )
 def test_sharing_gives_the_unshared_scores_loss_and_update(

@@ -48,6 +48,7 @@ GRID_KEYS = {
     "gemma3": {"token_type_ids"},
     "idefics3": {"pixel_attention_mask"},
     "internvl": set(),
+    "glm4v": {"image_grid_thw", "mm_token_type_ids"},
 }
 QWEN_FAMILIES = ("qwen3_vl", "qwen2_5_vl", "qwen2_vl", "qwen3_vl_moe")
 IMAGE_TOKEN = {
@@ -56,6 +57,7 @@ IMAGE_TOKEN = {
     "gemma3": "<|image_pad|>",
     "idefics3": "<image>",
     "internvl": "<|image_pad|>",
+    "glm4v": "<|image_pad|>",
 }
 VISION_PREFIX = {
     **dict.fromkeys(QWEN_FAMILIES, "model.visual."),
@@ -63,6 +65,7 @@ VISION_PREFIX = {
     "gemma3": "model.vision_tower.",
     "idefics3": "model.vision_model.",
     "internvl": "model.vision_tower.",
+    "glm4v": "model.visual.",
 }
 CHAT_TEMPLATE = {
     **dict.fromkeys(QWEN_FAMILIES, QWEN_CHAT_TEMPLATE),
@@ -70,6 +73,7 @@ CHAT_TEMPLATE = {
     "gemma3": GEMMA3_CHAT_TEMPLATE,
     "idefics3": LLAVA_CHAT_TEMPLATE,
     "internvl": INTERNVL_CHAT_TEMPLATE,
+    "glm4v": QWEN_CHAT_TEMPLATE,
 }
 # Idefics3's processor adds its image markers to (its copy of) the tokenizer, after the shared ids
 ADDED_TOKENS = {"idefics3": ["<fake_token_around_image>", "<end_of_utterance>"]}
@@ -135,6 +139,7 @@ def test_families():
         "gemma3",
         "idefics3",
         "internvl",
+        "glm4v",
     )
 
 
@@ -196,6 +201,7 @@ def test_processor(family, processors, tokenizer):
         "gemma3": "Gemma3Processor",
         "idefics3": "Idefics3Processor",
         "internvl": "InternVLProcessor",
+        "glm4v": "Glm4vProcessor",
     }
     assert type(processor).__name__ == expected[family]
     assert processor.chat_template == CHAT_TEMPLATE[family]
@@ -210,7 +216,7 @@ def test_processor(family, processors, tokenizer):
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN[family])
     n_image_tokens = int((inputs["input_ids"] == image_token_id).sum())
     assert 1 <= n_image_tokens <= 16, n_image_tokens  # only a handful of visual tokens for a 32x32 image
-    if family in QWEN_FAMILIES:
+    if "image_grid_thw" in GRID_KEYS[family]:
         grid = inputs["image_grid_thw"]
         assert grid.shape == (1, 3)
         assert int(grid.prod()) // 4 == n_image_tokens  # 2x2 merge
@@ -247,6 +253,7 @@ def test_model_config(family, pairs, tokenizer):
         "gemma3": "Gemma3ForConditionalGeneration",
         "idefics3": "Idefics3ForConditionalGeneration",
         "internvl": "InternVLForConditionalGeneration",
+        "glm4v": "Glm4vForConditionalGeneration",
     }
     vocab = tokenizer.get_vocab()
     for model in (student, teacher):
@@ -257,6 +264,10 @@ def test_model_config(family, pairs, tokenizer):
         assert model.get_output_embeddings().weight.shape[0] == vocab_size
         assert text.num_hidden_layers == 2
         assert model.config.image_token_id == vocab[IMAGE_TOKEN[family]]
+        if family == "glm4v":
+            assert model.config.video_token_id == vocab["<|video_pad|>"]
+            assert model.config.image_start_token_id == vocab["<|vision_start|>"]
+            assert model.config.image_end_token_id == vocab["<|vision_end|>"]
         if family in QWEN_FAMILIES:
             assert model.config.video_token_id == vocab["<|video_pad|>"]
             assert model.config.vision_start_token_id == vocab["<|vision_start|>"]

@@ -40,6 +40,7 @@ class Family:
     visual_token_keys: tuple[str, ...] = ("image_token_id", "video_token_id")
 
 
+# The Qwen-VL families and GLM-4V: multimodal RoPE from `get_rope_index`
 _QWEN = {"positions": "mrope", "prefix_sharing": True, "cue_recovery": True}
 
 #: Every family this package knows, by `model_type`, in the order the tiny models list them
@@ -54,6 +55,7 @@ FAMILIES: dict[str, Family] = {
         Family("gemma3", positions="1d", prefix_sharing=True, cue_recovery=True),
         Family("idefics3", positions="1d", prefix_sharing=True, cue_recovery=True, text_model="text_model"),
         Family("internvl", positions="1d", prefix_sharing=True, cue_recovery=True),
+        Family("glm4v", **_QWEN),
     )
 }
 

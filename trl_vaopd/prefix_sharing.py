@@ -11,9 +11,9 @@ That holds when each call holds whole sibling groups: a group cut into pieces ru
 call (or when the batch starts or ends inside a group, as a process's share of the generation batch may).
 
 Exact for the families whose positions this module can continue (`trl_vaopd.families.FAMILIES`): the Qwen-VL
-families (multimodal RoPE: the completion's text positions continue from the prompt's largest position) and LLaVA
-(1-D positions continue from the cache length; RoPE sees the same relative positions). `prefix_sharing_support` says why any other setting falls
-back to full passes.
+families and GLM-4V (multimodal RoPE: the completion's text positions continue from the prompt's largest position)
+and the others (1-D positions continue from the cache length; RoPE sees the same relative positions).
+`prefix_sharing_support` says why any other setting falls back to full passes.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ Hugging Face Hub. This module builds everything from scratch in well under a sec
   tokens of every supported family and a ChatML chat template.
 * :func:`build_processor` wraps it in the family's real processor (``Qwen3VLProcessor``, ``Qwen2_5_VLProcessor``,
   ``Qwen2VLProcessor``, ``LlavaProcessor``, ``Gemma3Processor``, ``Idefics3Processor``,
-  ``InternVLProcessor``) with image/video processors sized so a 32x32 image yields only a handful of visual tokens.
+  ``InternVLProcessor``, ``Glm4vProcessor``) with image/video processors sized so a 32x32 image yields only a handful of visual tokens.
 * :func:`build_model` instantiates the family's real ``...ForConditionalGeneration`` class with a couple of layers,
   tiny hidden sizes and a vocabulary equal to ``len(tokenizer)``; the ``"teacher"`` size is wider than the
   ``"student"`` size but shares the vocabulary, as distillation requires.
@@ -34,6 +34,11 @@ from transformers import (
     Gemma3Processor,
     Gemma3TextConfig,
     GenerationConfig,
+    Glm4vConfig,
+    Glm4vForConditionalGeneration,
+    Glm4vImageProcessor,
+    Glm4vProcessor,
+    Glm4vVideoProcessor,
     GotOcr2ImageProcessor,
     Idefics3Config,
     Idefics3ForConditionalGeneration,
@@ -171,10 +176,12 @@ _CHAT_TEMPLATES: dict[str, str] = {
     "gemma3": GEMMA3_CHAT_TEMPLATE,
     "idefics3": LLAVA_CHAT_TEMPLATE,
     "internvl": INTERNVL_CHAT_TEMPLATE,
+    "glm4v": QWEN_CHAT_TEMPLATE,  # GLM-4V's markers `<|begin_of_image|>`, `<|image|>`, `<|end_of_image|>` are Qwen's here
 }
 # Gemma 3's processor reads its markers from named special tokens of the tokenizer; the tiny vocabulary's Qwen vision
 # markers play them (named on a copy only: see `build_tokenizer` on why the shared tokenizer names no image token)
 _GEMMA3_TOKENS = {"boi_token": VISION_START, "eoi_token": VISION_END, "image_token": IMAGE_PAD}
+_GLM4V_TOKENS = {"image_token": IMAGE_PAD, "video_token": VIDEO_PAD}
 _INTERNVL_TOKENS = {
     "start_image_token": VISION_START,
     "end_image_token": VISION_END,
@@ -196,6 +203,7 @@ _PATCH_SIZE: dict[str, int] = {
     "gemma3": 8,
     "idefics3": 8,
     "internvl": 8,
+    "glm4v": 14,
 }
 # Gemma 3 average-pools 2x2 patches into one token, Idefics3 and InternVL shuffle them into one (`scale_factor`,
 # `downsample_ratio` 0.5)
@@ -347,9 +355,9 @@ def build_processor(
     if tokenizer is None:
         tokenizer = build_tokenizer(seed=seed)
     chat_template = _CHAT_TEMPLATES[family]
-    if family in ("gemma3", "internvl"):
+    if family in ("gemma3", "internvl", "glm4v"):
         # Same vocabulary and ids, with the markers named
-        named = _GEMMA3_TOKENS if family == "gemma3" else _INTERNVL_TOKENS
+        named = {"gemma3": _GEMMA3_TOKENS, "internvl": _INTERNVL_TOKENS, "glm4v": _GLM4V_TOKENS}[family]
         tokenizer = _wrap(copy.deepcopy(tokenizer.backend_tokenizer), named)
         tokenizer.chat_template = chat_template
     elif tokenizer.chat_template != chat_template:
@@ -400,6 +408,18 @@ def build_processor(
             image_processor=image_processor,
             tokenizer=tokenizer,
             video_processor=video_processor,
+            chat_template=chat_template,
+        )
+
+    if family == "glm4v":
+        # Qwen2-VL's patching (14-pixel patches, 2x2 merged, 2 frames per temporal patch) and pixel budget
+        side = _qwen_side(family, image_size)
+        geometry = {"patch_size": _PATCH_SIZE[family], "merge_size": _MERGE_SIZE, "temporal_patch_size": 2}
+        size = {"shortest_edge": side * side, "longest_edge": 4 * side * side}
+        return Glm4vProcessor(
+            image_processor=Glm4vImageProcessor(size=size, **geometry),
+            tokenizer=tokenizer,
+            video_processor=Glm4vVideoProcessor(size=size, **geometry),
             chat_template=chat_template,
         )
 
@@ -646,6 +666,42 @@ def _build_config(family: str, tokenizer: PreTrainedTokenizerBase, size: str, im
             image_token_id=_token_id(tokenizer, LLAVA_IMAGE),
             tie_word_embeddings=False,
         )
+    elif family == "glm4v":
+        text_config = dict(
+            text_common,
+            # Rotary on half of each head (GLM's partial_rotary_factor), its 4 frequency slots split (t, h, w) as
+            # the real 8:12:12
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 10_000.0,
+                "mrope_section": [2, 1, 1],
+                "partial_rotary_factor": 0.5,
+            },
+        )
+        vision_config = {
+            "depth": _VISION_DEPTH,
+            "hidden_size": hidden,
+            "intermediate_size": 2 * hidden,
+            "num_heads": heads,
+            "patch_size": _PATCH_SIZE[family],
+            "spatial_merge_size": _MERGE_SIZE,
+            "temporal_patch_size": _TEMPORAL_PATCH_SIZE,
+            "out_hidden_size": hidden,
+            # The grid its learned position embeddings are resampled from
+            "image_size": _qwen_side(family, image_size),
+        }
+        start, end = _token_id(tokenizer, VISION_START), _token_id(tokenizer, VISION_END)
+        config = Glm4vConfig(
+            text_config=text_config,
+            vision_config=vision_config,
+            image_token_id=_token_id(tokenizer, IMAGE_PAD),
+            video_token_id=_token_id(tokenizer, VIDEO_PAD),
+            image_start_token_id=start,
+            image_end_token_id=end,
+            video_start_token_id=start,
+            video_end_token_id=end,
+            tie_word_embeddings=False,
+        )
     elif family == "internvl":
         # InternVL 3's text model is Qwen2's; its vision tower InternViT
         text_config = Qwen2Config(**text_common, bos_token_id=bos_id, eos_token_id=eos_id, tie_word_embeddings=False)
@@ -752,6 +808,7 @@ def build_model(
         "gemma3": Gemma3ForConditionalGeneration,
         "idefics3": Idefics3ForConditionalGeneration,
         "internvl": InternVLForConditionalGeneration,
+        "glm4v": Glm4vForConditionalGeneration,
     }[family]
 
     # Fork the RNG so seeding here neither depends on nor disturbs the caller's random state.
