@@ -45,6 +45,7 @@ GRID_KEYS = {
     "qwen2_vl": {"image_grid_thw", "mm_token_type_ids"},
     "qwen3_vl_moe": {"image_grid_thw", "mm_token_type_ids"},
     "llava": set(),
+    "llava_next": {"image_sizes"},
     "gemma3": {"token_type_ids"},
     "idefics3": {"pixel_attention_mask"},
     "internvl": set(),
@@ -54,6 +55,7 @@ QWEN_FAMILIES = ("qwen3_vl", "qwen2_5_vl", "qwen2_vl", "qwen3_vl_moe")
 IMAGE_TOKEN = {
     **dict.fromkeys(QWEN_FAMILIES, "<|image_pad|>"),
     "llava": "<image>",
+    "llava_next": "<image>",
     "gemma3": "<|image_pad|>",
     "idefics3": "<image>",
     "internvl": "<|image_pad|>",
@@ -62,6 +64,7 @@ IMAGE_TOKEN = {
 VISION_PREFIX = {
     **dict.fromkeys(QWEN_FAMILIES, "model.visual."),
     "llava": "model.vision_tower.",
+    "llava_next": "model.vision_tower.",
     "gemma3": "model.vision_tower.",
     "idefics3": "model.vision_model.",
     "internvl": "model.vision_tower.",
@@ -70,6 +73,7 @@ VISION_PREFIX = {
 CHAT_TEMPLATE = {
     **dict.fromkeys(QWEN_FAMILIES, QWEN_CHAT_TEMPLATE),
     "llava": LLAVA_CHAT_TEMPLATE,
+    "llava_next": LLAVA_CHAT_TEMPLATE,
     "gemma3": GEMMA3_CHAT_TEMPLATE,
     "idefics3": LLAVA_CHAT_TEMPLATE,
     "internvl": INTERNVL_CHAT_TEMPLATE,
@@ -136,6 +140,7 @@ def test_families():
         "qwen2_vl",
         "qwen3_vl_moe",
         "llava",
+        "llava_next",
         "gemma3",
         "idefics3",
         "internvl",
@@ -198,6 +203,7 @@ def test_processor(family, processors, tokenizer):
         "qwen2_vl": "Qwen2VLProcessor",
         "qwen3_vl_moe": "Qwen3VLProcessor",
         "llava": "LlavaProcessor",
+        "llava_next": "LlavaNextProcessor",
         "gemma3": "Gemma3Processor",
         "idefics3": "Idefics3Processor",
         "internvl": "InternVLProcessor",
@@ -223,7 +229,8 @@ def test_processor(family, processors, tokenizer):
         assert inputs["pixel_values"].shape[0] == int(grid.prod())
     else:
         # Idefics3 pads its images to one row per prompt: (prompts, images, 3, height, width)
-        shape = (1, 1, 3, 32, 32) if family == "idefics3" else (1, 3, 32, 32)
+        # LLaVA-NeXT: (images, base view + tiles of the chosen pinpoint, 3, height, width)
+        shape = {"idefics3": (1, 1, 3, 32, 32), "llava_next": (1, 2, 3, 32, 32)}.get(family, (1, 3, 32, 32))
         assert inputs["pixel_values"].shape == shape
     # Batched + padded prompts of different lengths work too (TRL batches prompts).
     batch = processor.apply_chat_template(
@@ -250,6 +257,7 @@ def test_model_config(family, pairs, tokenizer):
         "qwen2_vl": "Qwen2VLForConditionalGeneration",
         "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
         "llava": "LlavaForConditionalGeneration",
+        "llava_next": "LlavaNextForConditionalGeneration",
         "gemma3": "Gemma3ForConditionalGeneration",
         "idefics3": "Idefics3ForConditionalGeneration",
         "internvl": "InternVLForConditionalGeneration",

@@ -7,8 +7,8 @@ Hugging Face Hub. This module builds everything from scratch in well under a sec
 * :func:`build_tokenizer` trains a small byte-level BPE tokenizer with the ``tokenizers`` library, carrying the special
   tokens of every supported family and a ChatML chat template.
 * :func:`build_processor` wraps it in the family's real processor (``Qwen3VLProcessor``, ``Qwen2_5_VLProcessor``,
-  ``Qwen2VLProcessor``, ``LlavaProcessor``, ``Gemma3Processor``, ``Idefics3Processor``,
-  ``InternVLProcessor``, ``Glm4vProcessor``) with image/video processors sized so a 32x32 image yields only a handful of visual tokens.
+  ``Qwen2VLProcessor``, ``LlavaProcessor``, ``LlavaNextProcessor``, ``Gemma3Processor``,
+  ``Idefics3Processor``, ``InternVLProcessor``, ``Glm4vProcessor``) with image/video processors sized so a 32x32 image yields only a handful of visual tokens.
 * :func:`build_model` instantiates the family's real ``...ForConditionalGeneration`` class with a couple of layers,
   tiny hidden sizes and a vocabulary equal to ``len(tokenizer)``; the ``"teacher"`` size is wider than the
   ``"student"`` size but shares the vocabulary, as distillation requires.
@@ -53,6 +53,10 @@ from transformers import (
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaImageProcessor,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextImageProcessor,
+    LlavaNextProcessor,
     LlavaProcessor,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -173,6 +177,7 @@ INTERNVL_CHAT_TEMPLATE: str = _chatml_template(IMAGE_PAD, VIDEO_PAD)
 _CHAT_TEMPLATES: dict[str, str] = {
     **dict.fromkeys(_QWEN_FAMILIES, QWEN_CHAT_TEMPLATE),
     "llava": LLAVA_CHAT_TEMPLATE,
+    "llava_next": LLAVA_CHAT_TEMPLATE,
     "gemma3": GEMMA3_CHAT_TEMPLATE,
     "idefics3": LLAVA_CHAT_TEMPLATE,
     "internvl": INTERNVL_CHAT_TEMPLATE,
@@ -200,6 +205,7 @@ _PATCH_SIZE: dict[str, int] = {
     "qwen2_vl": 14,
     "qwen3_vl_moe": 16,
     "llava": 16,
+    "llava_next": 16,
     "gemma3": 8,
     "idefics3": 8,
     "internvl": 8,
@@ -467,14 +473,22 @@ def build_processor(
             chat_template=chat_template,
         )
 
-    # llava: CLIP-style resize + center crop to a fixed square, as llava-1.5 does at 336 px.
+    # llava: CLIP-style resize + center crop to a fixed square, as llava-1.5 does at 336 px. llava_next: the same
+    # square as the base view, plus the tiles of the best of its grid pinpoints (any resolution)
     if image_size % _PATCH_SIZE["llava"]:
-        raise ValueError(f"llava needs an image_size that is a multiple of {_PATCH_SIZE['llava']}, got {image_size}")
-    image_processor = LlavaImageProcessor(
-        size={"shortest_edge": image_size},
-        crop_size={"height": image_size, "width": image_size},
-    )
-    return LlavaProcessor(
+        raise ValueError(
+            f"{family} needs an image_size that is a multiple of {_PATCH_SIZE['llava']}, got {image_size}"
+        )
+    size = {"shortest_edge": image_size}
+    crop_size = {"height": image_size, "width": image_size}
+    if family == "llava_next":
+        image_processor = LlavaNextImageProcessor(
+            size=size, crop_size=crop_size, image_grid_pinpoints=_llava_next_pinpoints(image_size)
+        )
+    else:
+        image_processor = LlavaImageProcessor(size=size, crop_size=crop_size)
+    processor_cls = LlavaNextProcessor if family == "llava_next" else LlavaProcessor
+    return processor_cls(
         image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=_PATCH_SIZE["llava"],
@@ -484,6 +498,11 @@ def build_processor(
         chat_template=chat_template,
         image_token=LLAVA_IMAGE,
     )
+
+
+def _llava_next_pinpoints(image_size: int) -> list[list[int]]:
+    """LLaVA-NeXT's candidate resolutions: one tile, or two side by side either way (real: up to 2x2 of 336 px)."""
+    return [[image_size, image_size], [image_size, 2 * image_size], [2 * image_size, image_size]]
 
 
 def _split(processor_or_tokenizer: ProcessorMixin | PreTrainedTokenizerBase) -> tuple[Any, Any]:
@@ -722,7 +741,7 @@ def _build_config(family: str, tokenizer: PreTrainedTokenizerBase, size: str, im
             vision_feature_layer=-1,  # the last layer, so every vision parameter receives a gradient
             tie_word_embeddings=False,
         )
-    else:  # llava
+    else:  # llava, llava_next
         text_config = LlamaConfig(
             **text_common,
             head_dim=_HEAD_DIM,
@@ -740,17 +759,21 @@ def _build_config(family: str, tokenizer: PreTrainedTokenizerBase, size: str, im
             projection_dim=hidden,
         )
         num_image_tokens = (image_size // _PATCH_SIZE["llava"]) ** 2
-        config = LlavaConfig(
-            vision_config=vision_config,
-            text_config=text_config,
-            image_token_id=_token_id(tokenizer, LLAVA_IMAGE),
-            image_seq_length=num_image_tokens,
-            vision_feature_select_strategy="default",
+        llava = {
+            "vision_config": vision_config,
+            "text_config": text_config,
+            "image_token_id": _token_id(tokenizer, LLAVA_IMAGE),
+            "image_seq_length": num_image_tokens,
+            "vision_feature_select_strategy": "default",
             # Last layer rather than llava-1.5's -2, so every vision parameter receives a gradient.
-            vision_feature_layer=-1,
-            projector_hidden_act="gelu",
-            tie_word_embeddings=False,
-        )
+            "vision_feature_layer": -1,
+            "projector_hidden_act": "gelu",
+            "tie_word_embeddings": False,
+        }
+        if family == "llava_next":
+            config = LlavaNextConfig(**llava, image_grid_pinpoints=_llava_next_pinpoints(image_size))
+        else:
+            config = LlavaConfig(**llava)
 
     # Special ids on both the composite and the text config: generation reads the former, TRL the latter.
     for cfg in (config, config.get_text_config()):
@@ -790,7 +813,7 @@ def build_model(
         # The vocabulary is that of the processor's tokenizer, which has the family's image markers added
         tokenizer, processor = _split(build_processor(family, tokenizer))
     image_size = 32
-    if family == "llava" and processor is not None:
+    if family in ("llava", "llava_next") and processor is not None:
         image_size = int(processor.image_processor.crop_size["height"])
     if family == "gemma3" and processor is not None:
         image_size = int(processor.image_processor.size["height"])
@@ -805,6 +828,7 @@ def build_model(
         "qwen2_vl": Qwen2VLForConditionalGeneration,
         "qwen3_vl_moe": Qwen3VLMoeForConditionalGeneration,
         "llava": LlavaForConditionalGeneration,
+        "llava_next": LlavaNextForConditionalGeneration,
         "gemma3": Gemma3ForConditionalGeneration,
         "idefics3": Idefics3ForConditionalGeneration,
         "internvl": InternVLForConditionalGeneration,
