@@ -153,6 +153,7 @@ def test_families_and_settings_without_exact_sharing_say_why(processors):
         ("qwen3_vl_moe", ["va_opd"], 4, 2),
         ("llava", ["va_opd"], 4, 2),
         ("llava_next", ["va_opd"], 4, 2),
+        ("llava_onevision", ["va_opd"], 4, 2),
         ("gemma3", ["va_opd", "vgs"], 4, 2),
         ("idefics3", ["va_opd"], 4, 2),
         ("internvl", ["va_opd"], 4, 2),

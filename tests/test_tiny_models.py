@@ -19,6 +19,7 @@ from trl_vaopd.tiny_models import (
     GEMMA3_CHAT_TEMPLATE,
     INTERNVL_CHAT_TEMPLATE,
     LLAVA_CHAT_TEMPLATE,
+    LLAVA_ONEVISION_CHAT_TEMPLATE,
     QWEN_CHAT_TEMPLATE,
     TINY_FAMILIES,
     build_model,
@@ -46,6 +47,7 @@ GRID_KEYS = {
     "qwen3_vl_moe": {"image_grid_thw", "mm_token_type_ids"},
     "llava": set(),
     "llava_next": {"image_sizes"},
+    "llava_onevision": {"image_sizes"},
     "gemma3": {"token_type_ids"},
     "idefics3": {"pixel_attention_mask"},
     "internvl": set(),
@@ -56,6 +58,7 @@ IMAGE_TOKEN = {
     **dict.fromkeys(QWEN_FAMILIES, "<|image_pad|>"),
     "llava": "<image>",
     "llava_next": "<image>",
+    "llava_onevision": "<image>",
     "gemma3": "<|image_pad|>",
     "idefics3": "<image>",
     "internvl": "<|image_pad|>",
@@ -65,6 +68,7 @@ VISION_PREFIX = {
     **dict.fromkeys(QWEN_FAMILIES, "model.visual."),
     "llava": "model.vision_tower.",
     "llava_next": "model.vision_tower.",
+    "llava_onevision": "model.vision_tower.",
     "gemma3": "model.vision_tower.",
     "idefics3": "model.vision_model.",
     "internvl": "model.vision_tower.",
@@ -74,6 +78,7 @@ CHAT_TEMPLATE = {
     **dict.fromkeys(QWEN_FAMILIES, QWEN_CHAT_TEMPLATE),
     "llava": LLAVA_CHAT_TEMPLATE,
     "llava_next": LLAVA_CHAT_TEMPLATE,
+    "llava_onevision": LLAVA_ONEVISION_CHAT_TEMPLATE,
     "gemma3": GEMMA3_CHAT_TEMPLATE,
     "idefics3": LLAVA_CHAT_TEMPLATE,
     "internvl": INTERNVL_CHAT_TEMPLATE,
@@ -141,6 +146,7 @@ def test_families():
         "qwen3_vl_moe",
         "llava",
         "llava_next",
+        "llava_onevision",
         "gemma3",
         "idefics3",
         "internvl",
@@ -204,6 +210,7 @@ def test_processor(family, processors, tokenizer):
         "qwen3_vl_moe": "Qwen3VLProcessor",
         "llava": "LlavaProcessor",
         "llava_next": "LlavaNextProcessor",
+        "llava_onevision": "LlavaOnevisionProcessor",
         "gemma3": "Gemma3Processor",
         "idefics3": "Idefics3Processor",
         "internvl": "InternVLProcessor",
@@ -230,7 +237,11 @@ def test_processor(family, processors, tokenizer):
     else:
         # Idefics3 pads its images to one row per prompt: (prompts, images, 3, height, width)
         # LLaVA-NeXT: (images, base view + tiles of the chosen pinpoint, 3, height, width)
-        shape = {"idefics3": (1, 1, 3, 32, 32), "llava_next": (1, 2, 3, 32, 32)}.get(family, (1, 3, 32, 32))
+        shape = {
+            "idefics3": (1, 1, 3, 32, 32),
+            "llava_next": (1, 2, 3, 32, 32),
+            "llava_onevision": (1, 2, 3, 32, 32),
+        }.get(family, (1, 3, 32, 32))
         assert inputs["pixel_values"].shape == shape
     # Batched + padded prompts of different lengths work too (TRL batches prompts).
     batch = processor.apply_chat_template(
@@ -258,6 +269,7 @@ def test_model_config(family, pairs, tokenizer):
         "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
         "llava": "LlavaForConditionalGeneration",
         "llava_next": "LlavaNextForConditionalGeneration",
+        "llava_onevision": "LlavaOnevisionForConditionalGeneration",
         "gemma3": "Gemma3ForConditionalGeneration",
         "idefics3": "Idefics3ForConditionalGeneration",
         "internvl": "InternVLForConditionalGeneration",

@@ -53,6 +53,7 @@ FAMILIES: dict[str, Family] = {
         Family("qwen3_vl_moe", **_QWEN),
         Family("llava", positions="1d", prefix_sharing=True, cue_recovery=True),
         Family("llava_next", positions="1d", prefix_sharing=True, cue_recovery=True),
+        Family("llava_onevision", positions="1d", prefix_sharing=True, cue_recovery=True),
         Family("gemma3", positions="1d", prefix_sharing=True, cue_recovery=True),
         Family("idefics3", positions="1d", prefix_sharing=True, cue_recovery=True, text_model="text_model"),
         Family("internvl", positions="1d", prefix_sharing=True, cue_recovery=True),

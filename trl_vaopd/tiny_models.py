@@ -7,7 +7,8 @@ Hugging Face Hub. This module builds everything from scratch in well under a sec
 * :func:`build_tokenizer` trains a small byte-level BPE tokenizer with the ``tokenizers`` library, carrying the special
   tokens of every supported family and a ChatML chat template.
 * :func:`build_processor` wraps it in the family's real processor (``Qwen3VLProcessor``, ``Qwen2_5_VLProcessor``,
-  ``Qwen2VLProcessor``, ``LlavaProcessor``, ``LlavaNextProcessor``, ``Gemma3Processor``,
+  ``Qwen2VLProcessor``, ``LlavaProcessor``, ``LlavaNextProcessor``, ``LlavaOnevisionProcessor``,
+  ``Gemma3Processor``,
   ``Idefics3Processor``, ``InternVLProcessor``, ``Glm4vProcessor``) with image/video processors sized so a 32x32 image yields only a handful of visual tokens.
 * :func:`build_model` instantiates the family's real ``...ForConditionalGeneration`` class with a couple of layers,
   tiny hidden sizes and a vocabulary equal to ``len(tokenizer)``; the ``"teacher"`` size is wider than the
@@ -57,6 +58,11 @@ from transformers import (
     LlavaNextForConditionalGeneration,
     LlavaNextImageProcessor,
     LlavaNextProcessor,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionImageProcessor,
+    LlavaOnevisionProcessor,
+    LlavaOnevisionVideoProcessor,
     LlavaProcessor,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -87,6 +93,7 @@ from .names import did_you_mean
 __all__ = [
     "GEMMA3_CHAT_TEMPLATE",
     "INTERNVL_CHAT_TEMPLATE",
+    "LLAVA_ONEVISION_CHAT_TEMPLATE",
     "LLAVA_CHAT_TEMPLATE",
     "MODEL_SIZES",
     "QWEN_CHAT_TEMPLATE",
@@ -170,6 +177,9 @@ _QWEN3_FAMILIES = ("qwen3_vl", "qwen3_vl_moe")
 #: the processor expands to the marker, the image tokens and the end-of-image marker.
 GEMMA3_CHAT_TEMPLATE: str = _chatml_template(VISION_START, VISION_START)
 
+#: Chat template of the LLaVA-OneVision family: images render as ``<image>``, videos as ``<|video_pad|>``.
+LLAVA_ONEVISION_CHAT_TEMPLATE: str = _chatml_template(LLAVA_IMAGE, VIDEO_PAD)
+
 #: Chat template of the InternVL family: images render as the image context token ``<|image_pad|>``, which the
 #: processor expands to ``<|vision_start|>``, the image tokens and ``<|vision_end|>``.
 INTERNVL_CHAT_TEMPLATE: str = _chatml_template(IMAGE_PAD, VIDEO_PAD)
@@ -178,6 +188,7 @@ _CHAT_TEMPLATES: dict[str, str] = {
     **dict.fromkeys(_QWEN_FAMILIES, QWEN_CHAT_TEMPLATE),
     "llava": LLAVA_CHAT_TEMPLATE,
     "llava_next": LLAVA_CHAT_TEMPLATE,
+    "llava_onevision": LLAVA_ONEVISION_CHAT_TEMPLATE,
     "gemma3": GEMMA3_CHAT_TEMPLATE,
     "idefics3": LLAVA_CHAT_TEMPLATE,
     "internvl": INTERNVL_CHAT_TEMPLATE,
@@ -206,6 +217,7 @@ _PATCH_SIZE: dict[str, int] = {
     "qwen3_vl_moe": 16,
     "llava": 16,
     "llava_next": 16,
+    "llava_onevision": 16,
     "gemma3": 8,
     "idefics3": 8,
     "internvl": 8,
@@ -473,6 +485,26 @@ def build_processor(
             chat_template=chat_template,
         )
 
+    if family == "llava_onevision":
+        if image_size % _PATCH_SIZE[family]:
+            raise ValueError(
+                f"{family} needs an image_size that is a multiple of {_PATCH_SIZE[family]}, got {image_size}"
+            )
+        size = {"height": image_size, "width": image_size}
+        # A base view resized to `image_size` plus the tiles of the best grid pinpoint, as LLaVA-NeXT (real: 384 px)
+        return LlavaOnevisionProcessor(
+            image_processor=LlavaOnevisionImageProcessor(
+                size=size, image_grid_pinpoints=_llava_next_pinpoints(image_size)
+            ),
+            tokenizer=tokenizer,
+            video_processor=LlavaOnevisionVideoProcessor(size=size),
+            num_image_tokens=(image_size // _PATCH_SIZE[family]) ** 2,
+            vision_feature_select_strategy="full",  # SigLIP has no CLS token to drop
+            chat_template=chat_template,
+            image_token=LLAVA_IMAGE,
+            video_token=VIDEO_PAD,
+        )
+
     # llava: CLIP-style resize + center crop to a fixed square, as llava-1.5 does at 336 px. llava_next: the same
     # square as the base view, plus the tiles of the best of its grid pinpoints (any resolution)
     if image_size % _PATCH_SIZE["llava"]:
@@ -721,6 +753,27 @@ def _build_config(family: str, tokenizer: PreTrainedTokenizerBase, size: str, im
             video_end_token_id=end,
             tie_word_embeddings=False,
         )
+    elif family == "llava_onevision":
+        # LLaVA-OneVision: a Qwen2 text model over a SigLIP tower
+        text_config = Qwen2Config(**text_common, bos_token_id=bos_id, eos_token_id=eos_id, tie_word_embeddings=False)
+        vision_config = SiglipVisionConfig(
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=_VISION_DEPTH,
+            num_attention_heads=heads,
+            image_size=image_size,
+            patch_size=_PATCH_SIZE[family],
+        )
+        config = LlavaOnevisionConfig(
+            vision_config=vision_config,
+            text_config=text_config,
+            image_token_index=_token_id(tokenizer, LLAVA_IMAGE),
+            video_token_index=_token_id(tokenizer, VIDEO_PAD),
+            image_grid_pinpoints=_llava_next_pinpoints(image_size),
+            vision_feature_select_strategy="full",
+            vision_feature_layer=-1,  # the last layer, so every vision parameter receives a gradient
+            tie_word_embeddings=False,
+        )
     elif family == "internvl":
         # InternVL 3's text model is Qwen2's; its vision tower InternViT
         text_config = Qwen2Config(**text_common, bos_token_id=bos_id, eos_token_id=eos_id, tie_word_embeddings=False)
@@ -815,7 +868,7 @@ def build_model(
     image_size = 32
     if family in ("llava", "llava_next") and processor is not None:
         image_size = int(processor.image_processor.crop_size["height"])
-    if family == "gemma3" and processor is not None:
+    if family in ("gemma3", "llava_onevision") and processor is not None:
         image_size = int(processor.image_processor.size["height"])
     if family == "idefics3":
         image_size = int(processor.image_processor.max_image_size["longest_edge"])
@@ -829,6 +882,7 @@ def build_model(
         "qwen3_vl_moe": Qwen3VLMoeForConditionalGeneration,
         "llava": LlavaForConditionalGeneration,
         "llava_next": LlavaNextForConditionalGeneration,
+        "llava_onevision": LlavaOnevisionForConditionalGeneration,
         "gemma3": Gemma3ForConditionalGeneration,
         "idefics3": Idefics3ForConditionalGeneration,
         "internvl": InternVLForConditionalGeneration,
