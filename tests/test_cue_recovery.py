@@ -17,6 +17,7 @@ from trl_vaopd.cue_recovery import (
     load_with_cue_recovery,
 )
 from trl_vaopd.evaluation import tokenize_conversations
+from trl_vaopd.families import text_model_of
 from trl_vaopd.prefix_sharing import backbone_of
 from trl_vaopd.tiny_models import TINY_FAMILIES, build_model
 
@@ -50,7 +51,7 @@ def with_module(model, interval: int = 1, seed: int = 0):
 def layer_inputs(model, inputs) -> list[torch.Tensor]:
     """The hidden states entering each decoder layer and the final norm, as those modules see them (hooks registered
     after the module's run after it)."""
-    language_model = backbone_of(model).language_model
+    language_model = text_model_of(model)
     seen = []
 
     def record(module, args, kwargs):
@@ -111,7 +112,7 @@ def test_a_deep_copy_runs_its_own_module(processors, family):
         assert torch.equal(copied(**inputs).logits, model(**inputs).logits)
         assert not torch.equal(copied(**inputs).logits, plain)
         # The copy's module is its own: changing it changes the copy only
-        backbone_of(copied).language_model.sink_cross_attns["0"].o_proj.weight.zero_()
+        text_model_of(copied).sink_cross_attns["0"].o_proj.weight.zero_()
         assert not torch.equal(copied(**inputs).logits, model(**inputs).logits)
 
 
@@ -219,8 +220,8 @@ def test_save_and_load_round_trip(processors, tmp_path):
 
 def test_other_families_are_refused_by_name(processors):
     model = build_model("qwen3_vl", processors["qwen3_vl"])
-    model.config.model_type = "idefics3"
-    with pytest.raises(ValueError, match="got a 'idefics3' model"):
+    model.config.model_type = "smolvlm"
+    with pytest.raises(ValueError, match="got a 'smolvlm' model"):
         add_cue_recovery(model)
 
 

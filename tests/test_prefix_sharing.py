@@ -57,7 +57,7 @@ def make_rows(processor, with_images: bool = True, seed: int = 0) -> dict:
 def full_hidden_states(model, rows: dict) -> torch.Tensor:
     """The full pass, prompt + completion for every rollout, as TRL's trainers run it."""
     inputs = {k: v for k, v in rows.items() if k in ("mm_token_type_ids", "token_type_ids")}
-    for key in ("pixel_values", "image_grid_thw"):
+    for key in ("pixel_values", "image_grid_thw", "image_sizes"):
         if key in rows:
             inputs[key] = torch.cat(rows[key])
     prompt_len, length = rows["prompt_ids"].size(1), rows["completion_ids"].size(1)
@@ -138,8 +138,8 @@ def test_token_positions_processed(processors):
 def test_families_and_settings_without_exact_sharing_say_why(processors):
     model = build_model("qwen3_vl", processors["qwen3_vl"])
     assert "gradient checkpointing" in prefix_sharing_support(model, gradient_checkpointing=True)
-    model.config.model_type = "idefics3"
-    assert "idefics3 is not among the families" in prefix_sharing_support(model)
+    model.config.model_type = "smolvlm"
+    assert "smolvlm is not among the families" in prefix_sharing_support(model)
 
 
 # ------------------------------------------------------------------------------------------------- in the trainer
@@ -149,7 +149,15 @@ def test_families_and_settings_without_exact_sharing_say_why(processors):
         ("qwen3_vl", ["va_opd"], 8, 1),  # two groups per micro-batch
         ("qwen3_vl", ["va_opd", "vgs"], 2, 4),  # siblings split across micro-batches
         ("qwen2_5_vl", ["va_opd", "vgs"], 4, 2),
+        ("qwen2_vl", ["va_opd"], 4, 2),
+        ("qwen3_vl_moe", ["va_opd"], 4, 2),
         ("llava", ["va_opd"], 4, 2),
+        ("llava_next", ["va_opd"], 4, 2),
+        ("llava_onevision", ["va_opd"], 4, 2),
+        ("gemma3", ["va_opd", "vgs"], 4, 2),
+        ("idefics3", ["va_opd"], 4, 2),
+        ("internvl", ["va_opd"], 4, 2),
+        ("glm4v", ["va_opd"], 4, 2),
     ],
 )
 def test_sharing_gives_the_unshared_scores_loss_and_update(

@@ -16,7 +16,10 @@ import torch
 from PIL import Image
 
 from trl_vaopd.tiny_models import (
+    GEMMA3_CHAT_TEMPLATE,
+    INTERNVL_CHAT_TEMPLATE,
     LLAVA_CHAT_TEMPLATE,
+    LLAVA_ONEVISION_CHAT_TEMPLATE,
     QWEN_CHAT_TEMPLATE,
     TINY_FAMILIES,
     build_model,
@@ -40,10 +43,49 @@ QWEN_SPECIALS = [
 GRID_KEYS = {
     "qwen3_vl": {"image_grid_thw", "mm_token_type_ids"},
     "qwen2_5_vl": {"image_grid_thw", "mm_token_type_ids"},
+    "qwen2_vl": {"image_grid_thw", "mm_token_type_ids"},
+    "qwen3_vl_moe": {"image_grid_thw", "mm_token_type_ids"},
     "llava": set(),
+    "llava_next": {"image_sizes"},
+    "llava_onevision": {"image_sizes"},
+    "gemma3": {"token_type_ids"},
+    "idefics3": {"pixel_attention_mask"},
+    "internvl": set(),
+    "glm4v": {"image_grid_thw", "mm_token_type_ids"},
 }
-IMAGE_TOKEN = {"qwen3_vl": "<|image_pad|>", "qwen2_5_vl": "<|image_pad|>", "llava": "<image>"}
-VISION_PREFIX = {"qwen3_vl": "model.visual.", "qwen2_5_vl": "model.visual.", "llava": "model.vision_tower."}
+QWEN_FAMILIES = ("qwen3_vl", "qwen2_5_vl", "qwen2_vl", "qwen3_vl_moe")
+IMAGE_TOKEN = {
+    **dict.fromkeys(QWEN_FAMILIES, "<|image_pad|>"),
+    "llava": "<image>",
+    "llava_next": "<image>",
+    "llava_onevision": "<image>",
+    "gemma3": "<|image_pad|>",
+    "idefics3": "<image>",
+    "internvl": "<|image_pad|>",
+    "glm4v": "<|image_pad|>",
+}
+VISION_PREFIX = {
+    **dict.fromkeys(QWEN_FAMILIES, "model.visual."),
+    "llava": "model.vision_tower.",
+    "llava_next": "model.vision_tower.",
+    "llava_onevision": "model.vision_tower.",
+    "gemma3": "model.vision_tower.",
+    "idefics3": "model.vision_model.",
+    "internvl": "model.vision_tower.",
+    "glm4v": "model.visual.",
+}
+CHAT_TEMPLATE = {
+    **dict.fromkeys(QWEN_FAMILIES, QWEN_CHAT_TEMPLATE),
+    "llava": LLAVA_CHAT_TEMPLATE,
+    "llava_next": LLAVA_CHAT_TEMPLATE,
+    "llava_onevision": LLAVA_ONEVISION_CHAT_TEMPLATE,
+    "gemma3": GEMMA3_CHAT_TEMPLATE,
+    "idefics3": LLAVA_CHAT_TEMPLATE,
+    "internvl": INTERNVL_CHAT_TEMPLATE,
+    "glm4v": QWEN_CHAT_TEMPLATE,
+}
+# Idefics3's processor adds its image markers to (its copy of) the tokenizer, after the shared ids
+ADDED_TOKENS = {"idefics3": ["<fake_token_around_image>", "<end_of_utterance>"]}
 
 
 def _image(seed: int = 0) -> Image.Image:
@@ -97,8 +139,19 @@ def pairs(processors):
 
 
 def test_families():
-    assert TINY_FAMILIES[:2] == ("qwen3_vl", "qwen2_5_vl")
-    assert len(TINY_FAMILIES) == 3 and TINY_FAMILIES[2] not in ("qwen3_vl", "qwen2_5_vl")
+    assert TINY_FAMILIES == (
+        "qwen3_vl",
+        "qwen2_5_vl",
+        "qwen2_vl",
+        "qwen3_vl_moe",
+        "llava",
+        "llava_next",
+        "llava_onevision",
+        "gemma3",
+        "idefics3",
+        "internvl",
+        "glm4v",
+    )
 
 
 def test_tokenizer_special_tokens(tokenizer):
@@ -150,10 +203,23 @@ def test_tokenizer_deterministic_and_custom_corpus():
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_processor(family, processors, tokenizer):
     processor = processors[family]
-    expected = {"qwen3_vl": "Qwen3VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor", "llava": "LlavaProcessor"}
+    expected = {
+        "qwen3_vl": "Qwen3VLProcessor",
+        "qwen2_5_vl": "Qwen2_5_VLProcessor",
+        "qwen2_vl": "Qwen2VLProcessor",
+        "qwen3_vl_moe": "Qwen3VLProcessor",
+        "llava": "LlavaProcessor",
+        "llava_next": "LlavaNextProcessor",
+        "llava_onevision": "LlavaOnevisionProcessor",
+        "gemma3": "Gemma3Processor",
+        "idefics3": "Idefics3Processor",
+        "internvl": "InternVLProcessor",
+        "glm4v": "Glm4vProcessor",
+    }
     assert type(processor).__name__ == expected[family]
-    assert processor.chat_template == (LLAVA_CHAT_TEMPLATE if family == "llava" else QWEN_CHAT_TEMPLATE)
-    assert processor.tokenizer.get_vocab() == tokenizer.get_vocab()
+    assert processor.chat_template == CHAT_TEMPLATE[family]
+    added = {token: len(tokenizer) + i for i, token in enumerate(ADDED_TOKENS.get(family, []))}
+    assert processor.tokenizer.get_vocab() == {**tokenizer.get_vocab(), **added}
     assert processor.tokenizer.padding_side == "left"
     # The shared tokenizer keeps its Qwen template even after building the Llava processor.
     assert tokenizer.chat_template == QWEN_CHAT_TEMPLATE
@@ -163,13 +229,20 @@ def test_processor(family, processors, tokenizer):
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN[family])
     n_image_tokens = int((inputs["input_ids"] == image_token_id).sum())
     assert 1 <= n_image_tokens <= 16, n_image_tokens  # only a handful of visual tokens for a 32x32 image
-    if family in ("qwen3_vl", "qwen2_5_vl"):
+    if "image_grid_thw" in GRID_KEYS[family]:
         grid = inputs["image_grid_thw"]
         assert grid.shape == (1, 3)
         assert int(grid.prod()) // 4 == n_image_tokens  # 2x2 merge
         assert inputs["pixel_values"].shape[0] == int(grid.prod())
     else:
-        assert inputs["pixel_values"].shape == (1, 3, 32, 32)
+        # Idefics3 pads its images to one row per prompt: (prompts, images, 3, height, width)
+        # LLaVA-NeXT: (images, base view + tiles of the chosen pinpoint, 3, height, width)
+        shape = {
+            "idefics3": (1, 1, 3, 32, 32),
+            "llava_next": (1, 2, 3, 32, 32),
+            "llava_onevision": (1, 2, 3, 32, 32),
+        }.get(family, (1, 3, 32, 32))
+        assert inputs["pixel_values"].shape == shape
     # Batched + padded prompts of different lengths work too (TRL batches prompts).
     batch = processor.apply_chat_template(
         [
@@ -192,17 +265,30 @@ def test_model_config(family, pairs, tokenizer):
     expected = {
         "qwen3_vl": "Qwen3VLForConditionalGeneration",
         "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+        "qwen2_vl": "Qwen2VLForConditionalGeneration",
+        "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
         "llava": "LlavaForConditionalGeneration",
+        "llava_next": "LlavaNextForConditionalGeneration",
+        "llava_onevision": "LlavaOnevisionForConditionalGeneration",
+        "gemma3": "Gemma3ForConditionalGeneration",
+        "idefics3": "Idefics3ForConditionalGeneration",
+        "internvl": "InternVLForConditionalGeneration",
+        "glm4v": "Glm4vForConditionalGeneration",
     }
     vocab = tokenizer.get_vocab()
     for model in (student, teacher):
         assert type(model).__name__ == expected[family]
         text = model.config.get_text_config()
-        assert text.vocab_size == len(tokenizer)
-        assert model.get_output_embeddings().weight.shape[0] == len(tokenizer)
+        vocab_size = len(tokenizer) + len(ADDED_TOKENS.get(family, []))
+        assert text.vocab_size == vocab_size
+        assert model.get_output_embeddings().weight.shape[0] == vocab_size
         assert text.num_hidden_layers == 2
         assert model.config.image_token_id == vocab[IMAGE_TOKEN[family]]
-        if family != "llava":
+        if family == "glm4v":
+            assert model.config.video_token_id == vocab["<|video_pad|>"]
+            assert model.config.image_start_token_id == vocab["<|vision_start|>"]
+            assert model.config.image_end_token_id == vocab["<|vision_end|>"]
+        if family in QWEN_FAMILIES:
             assert model.config.video_token_id == vocab["<|video_pad|>"]
             assert model.config.vision_start_token_id == vocab["<|vision_start|>"]
             assert model.config.vision_end_token_id == vocab["<|vision_end|>"]
@@ -214,7 +300,7 @@ def test_model_config(family, pairs, tokenizer):
         assert model.generation_config.pad_token_id == tokenizer.pad_token_id
         assert sum(p.numel() for p in model.parameters()) < 500_000  # tiny
     assert student.config.get_text_config().hidden_size < teacher.config.get_text_config().hidden_size
-    if family == "qwen3_vl":
+    if family in ("qwen3_vl", "qwen3_vl_moe"):
         vision = student.config.vision_config
         assert vision.patch_size == 16 and vision.spatial_merge_size == 2
         assert all(0 <= i < vision.depth for i in vision.deepstack_visual_indexes)
@@ -222,6 +308,13 @@ def test_model_config(family, pairs, tokenizer):
         vision = student.config.vision_config
         assert vision.patch_size == 14 and vision.spatial_merge_size == 2
         assert all(0 <= i < vision.depth for i in vision.fullatt_block_indexes)
+    if family == "qwen2_vl":
+        vision = student.config.vision_config
+        assert vision.patch_size == 14 and vision.spatial_merge_size == 2
+    if family == "qwen3_vl_moe":
+        text = student.config.get_text_config()
+        assert text.num_experts == 4 and text.num_experts_per_tok == 2
+        assert sum("mlp.experts" in n for n, _ in student.named_parameters()) > 0
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
@@ -297,7 +390,8 @@ def test_save_reload_roundtrip(family, tokenizer, tmp_path):
     assert type(reloaded) is type(model) is type(trl_loaded)
     assert type(reloaded_processor) is type(processor)
     assert reloaded_processor.chat_template == processor.chat_template
-    assert reloaded_processor.tokenizer.get_vocab() == tokenizer.get_vocab()
+    assert reloaded_processor.tokenizer.get_vocab() == processor.tokenizer.get_vocab()
+    assert processor.tokenizer.get_vocab().items() >= tokenizer.get_vocab().items()
     assert reloaded_processor.tokenizer.padding_side == "left"
     assert reloaded_processor.tokenizer.eos_token == "<|im_end|>"
     assert reloaded.generation_config.pad_token_id == tokenizer.pad_token_id

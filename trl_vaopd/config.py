@@ -99,7 +99,7 @@ class VAOPDConfig(DistillationConfig):
         cue_recovery (`bool`, *optional*):
             Whether the student gets ViCuR's cue-recovery module (sink-token cross-attention to the image tokens during
             prefill, `trl_vaopd.cue_recovery`); it trains with the student and is saved with it. Not with vLLM, which
-            would sample without it. Defaults to the `method` preset (on for `"vicur"`).
+            would sample without it; refused on families without it (`trl_vaopd.families.FAMILIES`). Defaults to the `method` preset (on for `"vicur"`).
         kl_estimator (`str`, *optional*, defaults to `"full"`):
             `"full"`: the per-token divergence over the full vocabulary. `"sampled_token"`: ViCuR's sampled-token
             estimate of the reverse KL, whose gradient is `-A_t * grad log p_S(y_t)` with
@@ -119,8 +119,8 @@ class VAOPDConfig(DistillationConfig):
         prefix_sharing (`bool`, *optional*, defaults to `True`):
             Whether sibling rollouts, which share their prompt (image included), run it once per model pass: the prompt
             of each group runs with a KV cache that the completions continue. Exact (up to float rounding) for
-            Qwen2.5-VL, Qwen3-VL and LLaVA; other families, and a student with gradient checkpointing, run full passes
-            (logged once). Off: every rollout runs prompt and completion in full, as TRL's trainer.
+            the families `trl_vaopd.families.FAMILIES` marks (`prefix_sharing`); other families, and a student with
+            gradient checkpointing, run full passes (logged once). Off: every rollout runs prompt and completion in full, as TRL's trainer.
         gradient_checkpointing (`bool`, *optional*, defaults to `True`):
             TRL's setting: recompute the student's activations in the backward instead of keeping them. transformers
             runs a checkpointed model without a KV cache, so the student then runs full passes, without prefix

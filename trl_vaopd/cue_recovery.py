@@ -16,7 +16,7 @@ is passed (`past_key_values=` or `cache=`), is unchanged. `W_o` starts at zero, 
 model's function unchanged until it trains (the authors start it at PyTorch's default).
 
 The module lives inside the model under the authors' names (`<backbone>.language_model.sink_cross_attns.<layer>`,
-`.sink_q_norm`, `.sink_kv_norm`), so the optimizer, DDP and ZeRO-3 see its parameters, `save_pretrained` writes them,
+`.sink_q_norm`, `.sink_kv_norm`; the text model is `text_model` on Idefics3, `trl_vaopd.families`), so the optimizer, DDP and ZeRO-3 see its parameters, `save_pretrained` writes them,
 and checkpoints move between this package and the authors' code; `model.config.cue_recovery` records where it goes.
 `load_with_cue_recovery` is the matching load path, and `cue_recovery_modules_to_save` keeps it trainable (and saved)
 next to a PEFT adapter.
@@ -39,6 +39,8 @@ from safetensors import safe_open
 from torch import nn
 from torch.nn import functional as F
 
+from .families import FAMILIES, family_of, text_model_of
+
 
 __all__ = [
     "CUE_RECOVERY_FAMILIES",
@@ -50,8 +52,8 @@ __all__ = [
     "load_with_cue_recovery",
 ]
 
-#: Model types whose image (and video) placeholder tokens are known from their config
-CUE_RECOVERY_FAMILIES = ("qwen3_vl", "qwen2_5_vl", "llava")
+#: Model types whose text model and image (and video) placeholder tokens are known (`trl_vaopd.families`)
+CUE_RECOVERY_FAMILIES = tuple(name for name, family in FAMILIES.items() if family.cue_recovery)
 # The authors' parameter names, under the language model
 _BLOCKS, _Q_NORM, _KV_NORM = "sink_cross_attns", "sink_q_norm", "sink_kv_norm"
 _NAMES = re.compile(rf"(?:^|\.)({_BLOCKS}\.\d+\..+|{_Q_NORM}\..+|{_KV_NORM}\..+)$")
@@ -98,8 +100,9 @@ def _backbone(model: nn.Module) -> nn.Module:
 
 
 def _language_model(model: nn.Module) -> nn.Module | None:
-    """The decoder stack the module attaches to, `None` for backbones that do not name it `language_model`."""
-    return getattr(_backbone(model), "language_model", None)
+    """The decoder stack the module attaches to, `None` for a family without the module."""
+    family = family_of(model.base_model.model if isinstance(model, PeftModel) else model)
+    return text_model_of(model) if family is not None and family.cue_recovery else None
 
 
 def has_cue_recovery(model: nn.Module) -> bool:
@@ -204,16 +207,17 @@ class _SinkPositions:
 
 def _attach(model: nn.Module, interval: int) -> None:
     """Create the module (if absent) and the hooks that run it."""
-    model_type = model.config.model_type
-    if model_type not in CUE_RECOVERY_FAMILIES:
+    family = family_of(model)
+    if family is None or not family.cue_recovery:
         raise ValueError(
-            f"The cue-recovery module needs the positions of the image tokens, known here for "
-            f"{', '.join(CUE_RECOVERY_FAMILIES)}; got a {model_type!r} model. Train without it (cue_recovery=False)."
+            f"The cue-recovery module needs the decoder stack and the positions of the image tokens, known here for "
+            f"{', '.join(CUE_RECOVERY_FAMILIES)}; got a {model.config.model_type!r} model. Train without it "
+            "(cue_recovery=False)."
         )
     if interval < 1:
         raise ValueError(f"interval must be >= 1, got {interval}.")
     backbone = _backbone(model)
-    language_model = backbone.language_model
+    language_model = text_model_of(model)
     text = model.config.get_text_config()
     num_layers = len(language_model.layers)
     layers = list(range(0, num_layers, interval))
@@ -232,9 +236,7 @@ def _attach(model: nn.Module, interval: int) -> None:
         for name, part in parts.items():
             setattr(language_model, name, part.to(device=reference.device, dtype=reference.dtype))
     visual_ids = tuple(
-        int(i)
-        for i in (getattr(model.config, "image_token_id", None), getattr(model.config, "video_token_id", None))
-        if i is not None
+        int(i) for i in (getattr(model.config, key, None) for key in family.visual_token_keys) if i is not None
     )
     positions = _SinkPositions(visual_ids, language_model)
     backbone.register_forward_pre_hook(positions.backbone_pre_hook, with_kwargs=True)
@@ -250,7 +252,7 @@ def _attach(model: nn.Module, interval: int) -> None:
 
 
 def add_cue_recovery(model: nn.Module, interval: int = 5) -> nn.Module:
-    """Attach the cue-recovery module to a Qwen3-VL, Qwen2.5-VL or LLaVA model (in place) and return the model.
+    """Attach the cue-recovery module to a model of a family in `CUE_RECOVERY_FAMILIES` (in place); return the model.
 
     One `CueRecoveryAttention` after every decoder layer whose index is a multiple of `interval`, and one shared
     RMSNorm pair: on Qwen3-VL-2B's 28 layers (d = 2048), 6 x 4 d^2 + 2 d = 100,667,392 parameters. Its output

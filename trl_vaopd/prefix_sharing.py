@@ -10,10 +10,10 @@ That holds when each call holds whole sibling groups: a group cut into pieces ru
 `call_slices` cuts a batch into calls of a given size along its groups, so a group is cut only when it is larger than a
 call (or when the batch starts or ends inside a group, as a process's share of the generation batch may).
 
-Exact for the families whose positions this module can continue: Qwen2.5-VL and Qwen3-VL (multimodal RoPE: the
-completion's text positions continue from the prompt's largest position) and LLaVA (1-D positions continue from the
-cache length; RoPE sees the same relative positions). `prefix_sharing_support` says why any other setting falls
-back to full passes.
+Exact for the families whose positions this module can continue (`trl_vaopd.families.FAMILIES`): the Qwen-VL
+families and GLM-4V (multimodal RoPE: the completion's text positions continue from the prompt's largest position)
+and the others (1-D positions continue from the cache length; RoPE sees the same relative positions).
+`prefix_sharing_support` says why any other setting falls back to full passes.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 from peft import PeftModel
+
+from .families import FAMILIES, family_of
 
 
 __all__ = [
@@ -36,11 +38,11 @@ __all__ = [
     "shared_prefix_hidden_states",
 ]
 
-#: Model types whose completion positions continue exactly after a cached prompt
-PREFIX_SHARING_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "llava")
-_MROPE_FAMILIES = ("qwen2_5_vl", "qwen3_vl")
-# Model inputs a shared prompt may carry: per-rollout entries (after `split_pixel_values_by_grid`) and per-token types
-_PER_ROLLOUT_KEYS = ("pixel_values", "image_grid_thw")
+#: Model types whose completion positions continue exactly after a cached prompt (`trl_vaopd.families`)
+PREFIX_SHARING_FAMILIES = tuple(name for name, family in FAMILIES.items() if family.prefix_sharing)
+# Model inputs a shared prompt may carry: per-rollout entries (after `split_pixel_values_by_grid`; LLaVA-NeXT's tiles
+# follow its `image_sizes`) and per-token types
+_PER_ROLLOUT_KEYS = ("pixel_values", "image_grid_thw", "image_sizes")
 _PER_TOKEN_KEYS = ("mm_token_type_ids", "token_type_ids")
 
 
@@ -60,9 +62,9 @@ def cache_keyword(module: torch.nn.Module) -> str:
 
 def prefix_sharing_support(model: torch.nn.Module, gradient_checkpointing: bool = False) -> str | None:
     """`None` when the model's passes can share their prompts exactly, else the reason they cannot."""
-    model_type = model.config.model_type
-    if model_type not in PREFIX_SHARING_FAMILIES:
-        return f"{model_type} is not among the families whose positions continue after a cached prompt"
+    family = family_of(model)
+    if family is None or not family.prefix_sharing:
+        return f"{model.config.model_type} is not among the families whose positions continue after a cached prompt"
     if gradient_checkpointing:
         return "gradient checkpointing runs the student without a KV cache in transformers"
     return None
@@ -193,7 +195,7 @@ def shared_prefix_hidden_states(model: torch.nn.Module, rows: dict[str, Any], gr
         keyword: cache,
         "use_cache": True,
     }
-    if model.config.model_type in _MROPE_FAMILIES:
+    if family_of(model).positions == "mrope":
         continuation["position_ids"] = _completion_positions(backbone, prompt, completion.size(1))[:, index]
     hidden = backbone(**continuation).last_hidden_state
     # The prompt's last position predicts the first completion token; completion position t predicts token t + 1

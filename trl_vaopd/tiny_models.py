@@ -7,7 +7,9 @@ Hugging Face Hub. This module builds everything from scratch in well under a sec
 * :func:`build_tokenizer` trains a small byte-level BPE tokenizer with the ``tokenizers`` library, carrying the special
   tokens of every supported family and a ChatML chat template.
 * :func:`build_processor` wraps it in the family's real processor (``Qwen3VLProcessor``, ``Qwen2_5_VLProcessor``,
-  ``LlavaProcessor``) with image/video processors sized so a 32x32 image yields only a handful of visual tokens.
+  ``Qwen2VLProcessor``, ``LlavaProcessor``, ``LlavaNextProcessor``, ``LlavaOnevisionProcessor``,
+  ``Gemma3Processor``,
+  ``Idefics3Processor``, ``InternVLProcessor``, ``Glm4vProcessor``) with image/video processors sized so a 32x32 image yields only a handful of visual tokens.
 * :func:`build_model` instantiates the family's real ``...ForConditionalGeneration`` class with a couple of layers,
   tiny hidden sizes and a vocabulary equal to ``len(tokenizer)``; the ``"teacher"`` size is wider than the
   ``"student"`` size but shares the vocabulary, as distillation requires.
@@ -27,11 +29,40 @@ from typing import Any
 import torch
 from transformers import (
     CLIPVisionConfig,
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
+    Gemma3ImageProcessor,
+    Gemma3Processor,
+    Gemma3TextConfig,
     GenerationConfig,
+    Glm4vConfig,
+    Glm4vForConditionalGeneration,
+    Glm4vImageProcessor,
+    Glm4vProcessor,
+    Glm4vVideoProcessor,
+    GotOcr2ImageProcessor,
+    Idefics3Config,
+    Idefics3ForConditionalGeneration,
+    Idefics3ImageProcessor,
+    Idefics3Processor,
+    InternVLConfig,
+    InternVLForConditionalGeneration,
+    InternVLProcessor,
+    InternVLVideoProcessor,
+    InternVLVisionConfig,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaImageProcessor,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextImageProcessor,
+    LlavaNextProcessor,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionImageProcessor,
+    LlavaOnevisionProcessor,
+    LlavaOnevisionVideoProcessor,
     LlavaProcessor,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -40,18 +71,29 @@ from transformers import (
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2_5_VLProcessor,
+    Qwen2Config,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
     Qwen2VLImageProcessor,
+    Qwen2VLProcessor,
     Qwen2VLVideoProcessor,
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
+    Qwen3VLMoeConfig,
+    Qwen3VLMoeForConditionalGeneration,
     Qwen3VLProcessor,
     Qwen3VLVideoProcessor,
+    SiglipVisionConfig,
 )
 
+from .families import FAMILIES
 from .names import did_you_mean
 
 
 __all__ = [
+    "GEMMA3_CHAT_TEMPLATE",
+    "INTERNVL_CHAT_TEMPLATE",
+    "LLAVA_ONEVISION_CHAT_TEMPLATE",
     "LLAVA_CHAT_TEMPLATE",
     "MODEL_SIZES",
     "QWEN_CHAT_TEMPLATE",
@@ -63,10 +105,8 @@ __all__ = [
     "save_tiny_vlm",
 ]
 
-#: Families this module can build. ``llava`` is the non-Qwen family: its processor needs only a tokenizer and a
-#: CLIP-style image processor (no Hub-only assets), its model returns ``last_hidden_state`` from ``model.base_model``
-#: given ``pixel_values``, and TRL's DistillationTrainer handles it with no family-specific inputs.
-TINY_FAMILIES: tuple[str, ...] = ("qwen3_vl", "qwen2_5_vl", "llava")
+#: Families this module can build: every family of :data:`trl_vaopd.families.FAMILIES`, in its order.
+TINY_FAMILIES: tuple[str, ...] = tuple(FAMILIES)
 
 #: Sizes accepted by :func:`build_model`.
 MODEL_SIZES: tuple[str, ...] = ("student", "teacher")
@@ -128,15 +168,64 @@ QWEN_CHAT_TEMPLATE: str = _chatml_template(
 #: Chat template of the Llava family: images render as the single ``<image>`` placeholder the processor expands.
 LLAVA_CHAT_TEMPLATE: str = _chatml_template(LLAVA_IMAGE, LLAVA_IMAGE)
 
+# The Qwen families: one image/video processor, the same vision markers and chat template
+_QWEN_FAMILIES = ("qwen3_vl", "qwen2_5_vl", "qwen2_vl", "qwen3_vl_moe")
+# Qwen3-VL-MoE shares Qwen3-VL's processors (its vision tower is Qwen3-VL's)
+_QWEN3_FAMILIES = ("qwen3_vl", "qwen3_vl_moe")
+
+#: Chat template of the Gemma 3 family: images render as the begin-of-image marker (``<|vision_start|>`` here), which
+#: the processor expands to the marker, the image tokens and the end-of-image marker.
+GEMMA3_CHAT_TEMPLATE: str = _chatml_template(VISION_START, VISION_START)
+
+#: Chat template of the LLaVA-OneVision family: images render as ``<image>``, videos as ``<|video_pad|>``.
+LLAVA_ONEVISION_CHAT_TEMPLATE: str = _chatml_template(LLAVA_IMAGE, VIDEO_PAD)
+
+#: Chat template of the InternVL family: images render as the image context token ``<|image_pad|>``, which the
+#: processor expands to ``<|vision_start|>``, the image tokens and ``<|vision_end|>``.
+INTERNVL_CHAT_TEMPLATE: str = _chatml_template(IMAGE_PAD, VIDEO_PAD)
+
 _CHAT_TEMPLATES: dict[str, str] = {
-    "qwen3_vl": QWEN_CHAT_TEMPLATE,
-    "qwen2_5_vl": QWEN_CHAT_TEMPLATE,
+    **dict.fromkeys(_QWEN_FAMILIES, QWEN_CHAT_TEMPLATE),
     "llava": LLAVA_CHAT_TEMPLATE,
+    "llava_next": LLAVA_CHAT_TEMPLATE,
+    "llava_onevision": LLAVA_ONEVISION_CHAT_TEMPLATE,
+    "gemma3": GEMMA3_CHAT_TEMPLATE,
+    "idefics3": LLAVA_CHAT_TEMPLATE,
+    "internvl": INTERNVL_CHAT_TEMPLATE,
+    "glm4v": QWEN_CHAT_TEMPLATE,  # GLM-4V's markers `<|begin_of_image|>`, `<|image|>`, `<|end_of_image|>` are Qwen's here
+}
+# Gemma 3's processor reads its markers from named special tokens of the tokenizer; the tiny vocabulary's Qwen vision
+# markers play them (named on a copy only: see `build_tokenizer` on why the shared tokenizer names no image token)
+_GEMMA3_TOKENS = {"boi_token": VISION_START, "eoi_token": VISION_END, "image_token": IMAGE_PAD}
+_GLM4V_TOKENS = {"image_token": IMAGE_PAD, "video_token": VIDEO_PAD}
+_INTERNVL_TOKENS = {
+    "start_image_token": VISION_START,
+    "end_image_token": VISION_END,
+    "context_image_token": IMAGE_PAD,
+    "video_token": VIDEO_PAD,
 }
 
-# Vision patch geometry per family, mirroring the real checkpoints (Qwen3-VL: 16, Qwen2.5-VL: 14, both merging 2x2
-# patches into one LLM token). Llava uses a CLIP tower; 16-pixel patches give 4 tokens for a 32x32 image.
-_PATCH_SIZE: dict[str, int] = {"qwen3_vl": 16, "qwen2_5_vl": 14, "llava": 16}
+# Vision patch geometry per family, mirroring the real checkpoints (Qwen3-VL and Qwen3-VL-MoE: 16, Qwen2-VL and
+# Qwen2.5-VL: 14, all merging 2x2 patches into one LLM token). Llava uses a CLIP tower; 16-pixel patches give 4 tokens
+# for a 32x32 image.
+# Gemma 3's SigLIP tower: 8-pixel patches pooled 2x2, so a 32x32 image gives 4 tokens (real: 896 px, 14-pixel patches
+# pooled 4x4 to 256 tokens).
+_PATCH_SIZE: dict[str, int] = {
+    "qwen3_vl": 16,
+    "qwen2_5_vl": 14,
+    "qwen2_vl": 14,
+    "qwen3_vl_moe": 16,
+    "llava": 16,
+    "llava_next": 16,
+    "llava_onevision": 16,
+    "gemma3": 8,
+    "idefics3": 8,
+    "internvl": 8,
+    "glm4v": 14,
+}
+# Gemma 3 average-pools 2x2 patches into one token, Idefics3 and InternVL shuffle them into one (`scale_factor`,
+# `downsample_ratio` 0.5)
+_GEMMA3_POOL = _IDEFICS3_SCALE = _INTERNVL_SCALE = 2
 _MERGE_SIZE = 2
 _TEMPORAL_PATCH_SIZE = 2
 
@@ -221,18 +310,23 @@ def build_tokenizer(
     )
     backend.train_from_iterator(texts, trainer=trainer)
 
-    tokenizer = PreTrainedTokenizerFast(
+    tokenizer = _wrap(backend)
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    return tokenizer
+
+
+def _wrap(backend: Any, named_tokens: dict[str, str] | None = None) -> PreTrainedTokenizerFast:
+    """The transformers tokenizer around a trained backend, with `named_tokens` (`{"image_token": ...}`) as
+    attributes: the shared tokenizer names none, because the processors read them when present, and a Qwen
+    `image_token` would make LlavaProcessor use `<|image_pad|>` instead of `<image>`."""
+    return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         eos_token=IM_END,
         pad_token=ENDOFTEXT,
-        # A list (not a dict) so no `image_token` attribute is set on the tokenizer: the processors read it when
-        # present, and a Qwen one would make LlavaProcessor use `<|image_pad|>` instead of `<image>`.
-        extra_special_tokens=[t for t in SPECIAL_TOKENS if t not in (IM_END, ENDOFTEXT)],
+        extra_special_tokens=named_tokens or [t for t in SPECIAL_TOKENS if t not in (IM_END, ENDOFTEXT)],
         padding_side="left",
         model_max_length=4096,
     )
-    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
-    return tokenizer
 
 
 def _check_family(family: str) -> None:
@@ -270,7 +364,8 @@ def build_processor(
         The tokenizer's ``padding_side`` is set to ``"left"``, as TRL's generation requires.
 
     Returns:
-        A ``Qwen3VLProcessor``, ``Qwen2_5_VLProcessor`` or ``LlavaProcessor`` whose ``chat_template`` renders image
+        A ``Qwen3VLProcessor`` (Qwen3-VL and Qwen3-VL-MoE), ``Qwen2_5_VLProcessor``, ``Qwen2VLProcessor`` or
+        ``LlavaProcessor`` whose ``chat_template`` renders image
         parts with the family's placeholder, so ``processor.apply_chat_template(..., tokenize=True,
         return_dict=True)`` works with PIL images in the messages.
     """
@@ -278,13 +373,18 @@ def build_processor(
     if tokenizer is None:
         tokenizer = build_tokenizer(seed=seed)
     chat_template = _CHAT_TEMPLATES[family]
-    if tokenizer.chat_template != chat_template:
+    if family in ("gemma3", "internvl", "glm4v"):
+        # Same vocabulary and ids, with the markers named
+        named = {"gemma3": _GEMMA3_TOKENS, "internvl": _INTERNVL_TOKENS, "glm4v": _GLM4V_TOKENS}[family]
+        tokenizer = _wrap(copy.deepcopy(tokenizer.backend_tokenizer), named)
+        tokenizer.chat_template = chat_template
+    elif tokenizer.chat_template != chat_template:
         # Don't mutate the caller's (possibly shared) tokenizer; the copy keeps the same vocabulary and ids.
         tokenizer = copy.deepcopy(tokenizer)
         tokenizer.chat_template = chat_template
     tokenizer.padding_side = "left"  # TRL generates from left-padded prompts
 
-    if family in ("qwen3_vl", "qwen2_5_vl"):
+    if family in _QWEN_FAMILIES:
         patch = _PATCH_SIZE[family]
         side = _qwen_side(family, image_size)
         # min_pixels (`shortest_edge`) upsamples small images to `side`; max_pixels (`longest_edge`) caps big ones at
@@ -306,7 +406,7 @@ def build_processor(
             "cap_pixels_per_frame": True,
             "max_video_tokens": 16,
         }
-        if family == "qwen3_vl":
+        if family in _QWEN3_FAMILIES:
             # Qwen3-VL's video budget counts pixels over all frames (t * h * w), Qwen2.5-VL's per frame (h * w).
             video_processor = Qwen3VLVideoProcessor(
                 **video_kwargs,
@@ -321,21 +421,106 @@ def build_processor(
         video_processor = Qwen2VLVideoProcessor(
             **video_kwargs, size={"shortest_edge": side * side, "longest_edge": 4 * side * side}
         )
-        return Qwen2_5_VLProcessor(
+        processor_cls = Qwen2_5_VLProcessor if family == "qwen2_5_vl" else Qwen2VLProcessor
+        return processor_cls(
             image_processor=image_processor,
             tokenizer=tokenizer,
             video_processor=video_processor,
             chat_template=chat_template,
         )
 
-    # llava: CLIP-style resize + center crop to a fixed square, as llava-1.5 does at 336 px.
+    if family == "glm4v":
+        # Qwen2-VL's patching (14-pixel patches, 2x2 merged, 2 frames per temporal patch) and pixel budget
+        side = _qwen_side(family, image_size)
+        geometry = {"patch_size": _PATCH_SIZE[family], "merge_size": _MERGE_SIZE, "temporal_patch_size": 2}
+        size = {"shortest_edge": side * side, "longest_edge": 4 * side * side}
+        return Glm4vProcessor(
+            image_processor=Glm4vImageProcessor(size=size, **geometry),
+            tokenizer=tokenizer,
+            video_processor=Glm4vVideoProcessor(size=size, **geometry),
+            chat_template=chat_template,
+        )
+
+    if family == "gemma3":
+        side = _PATCH_SIZE[family] * _GEMMA3_POOL
+        if image_size % side:
+            raise ValueError(f"gemma3 needs an image_size that is a multiple of {side}, got {image_size}")
+        # Resized to a fixed square, as Gemma 3 does at 896 px (no pan-and-scan crops)
+        return Gemma3Processor(
+            image_processor=Gemma3ImageProcessor(size={"height": image_size, "width": image_size}),
+            tokenizer=tokenizer,
+            chat_template=chat_template,
+            image_seq_length=(image_size // side) ** 2,
+        )
+
+    if family == "idefics3":
+        side = _PATCH_SIZE[family] * _IDEFICS3_SCALE
+        if image_size % side:
+            raise ValueError(f"idefics3 needs an image_size that is a multiple of {side}, got {image_size}")
+        # One global image of `image_size` pixels per side (no split into tiles). The processor adds its markers
+        # `<fake_token_around_image>` and `<end_of_utterance>` to the tokenizer (a copy: ids above the shared ones)
+        image_processor = Idefics3ImageProcessor(
+            do_image_splitting=False,
+            size={"longest_edge": image_size},
+            max_image_size={"longest_edge": image_size},
+        )
+        return Idefics3Processor(
+            image_processor=image_processor,
+            tokenizer=copy.deepcopy(tokenizer),
+            chat_template=chat_template,
+            image_seq_len=(image_size // side) ** 2,
+        )
+
+    if family == "internvl":
+        side = _PATCH_SIZE[family] * _INTERNVL_SCALE
+        if image_size % side:
+            raise ValueError(f"internvl needs an image_size that is a multiple of {side}, got {image_size}")
+        size = {"height": image_size, "width": image_size}
+        # One tile per image (`max_patches=1`: no crops, hence no thumbnail), as for a small image at 448 px
+        return InternVLProcessor(
+            image_processor=GotOcr2ImageProcessor(size=size, max_patches=1),
+            tokenizer=tokenizer,
+            video_processor=InternVLVideoProcessor(size=size),
+            image_seq_length=(image_size // side) ** 2,
+            chat_template=chat_template,
+        )
+
+    if family == "llava_onevision":
+        if image_size % _PATCH_SIZE[family]:
+            raise ValueError(
+                f"{family} needs an image_size that is a multiple of {_PATCH_SIZE[family]}, got {image_size}"
+            )
+        size = {"height": image_size, "width": image_size}
+        # A base view resized to `image_size` plus the tiles of the best grid pinpoint, as LLaVA-NeXT (real: 384 px)
+        return LlavaOnevisionProcessor(
+            image_processor=LlavaOnevisionImageProcessor(
+                size=size, image_grid_pinpoints=_llava_next_pinpoints(image_size)
+            ),
+            tokenizer=tokenizer,
+            video_processor=LlavaOnevisionVideoProcessor(size=size),
+            num_image_tokens=(image_size // _PATCH_SIZE[family]) ** 2,
+            vision_feature_select_strategy="full",  # SigLIP has no CLS token to drop
+            chat_template=chat_template,
+            image_token=LLAVA_IMAGE,
+            video_token=VIDEO_PAD,
+        )
+
+    # llava: CLIP-style resize + center crop to a fixed square, as llava-1.5 does at 336 px. llava_next: the same
+    # square as the base view, plus the tiles of the best of its grid pinpoints (any resolution)
     if image_size % _PATCH_SIZE["llava"]:
-        raise ValueError(f"llava needs an image_size that is a multiple of {_PATCH_SIZE['llava']}, got {image_size}")
-    image_processor = LlavaImageProcessor(
-        size={"shortest_edge": image_size},
-        crop_size={"height": image_size, "width": image_size},
-    )
-    return LlavaProcessor(
+        raise ValueError(
+            f"{family} needs an image_size that is a multiple of {_PATCH_SIZE['llava']}, got {image_size}"
+        )
+    size = {"shortest_edge": image_size}
+    crop_size = {"height": image_size, "width": image_size}
+    if family == "llava_next":
+        image_processor = LlavaNextImageProcessor(
+            size=size, crop_size=crop_size, image_grid_pinpoints=_llava_next_pinpoints(image_size)
+        )
+    else:
+        image_processor = LlavaImageProcessor(size=size, crop_size=crop_size)
+    processor_cls = LlavaNextProcessor if family == "llava_next" else LlavaProcessor
+    return processor_cls(
         image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=_PATCH_SIZE["llava"],
@@ -345,6 +530,11 @@ def build_processor(
         chat_template=chat_template,
         image_token=LLAVA_IMAGE,
     )
+
+
+def _llava_next_pinpoints(image_size: int) -> list[list[int]]:
+    """LLaVA-NeXT's candidate resolutions: one tile, or two side by side either way (real: up to 2x2 of 336 px)."""
+    return [[image_size, image_size], [image_size, 2 * image_size], [2 * image_size, image_size]]
 
 
 def _split(processor_or_tokenizer: ProcessorMixin | PreTrainedTokenizerBase) -> tuple[Any, Any]:
@@ -363,7 +553,7 @@ def _token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int:
 
 
 def _qwen_token_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
-    # Both Qwen families place their vision markers by these ids; untied heads as in the released models
+    # The Qwen families place their vision markers by these ids; untied heads as in the released models
     return {
         "image_token_id": _token_id(tokenizer, IMAGE_PAD),
         "video_token_id": _token_id(tokenizer, VIDEO_PAD),
@@ -408,7 +598,7 @@ def _build_config(family: str, tokenizer: PreTrainedTokenizerBase, size: str, im
         "out_hidden_size": hidden,  # the merger projects straight into the text width
     }
 
-    if family == "qwen3_vl":
+    if family in _QWEN3_FAMILIES:
         text_config = dict(
             text_common,
             head_dim=_HEAD_DIM,
@@ -428,7 +618,36 @@ def _build_config(family: str, tokenizer: PreTrainedTokenizerBase, size: str, im
             num_position_embeddings=64,  # learned 8x8 position grid, bilinearly resampled to each image grid
             deepstack_visual_indexes=[0],
         )
-        config = Qwen3VLConfig(text_config=text_config, vision_config=vision_config, **_qwen_token_ids(tokenizer))
+        if family == "qwen3_vl_moe":
+            # Four experts of a quarter of the dense MLP's width in every decoder layer (the dense model's parameter
+            # count), two routed per token
+            text_config.update(
+                num_experts=4, num_experts_per_tok=2, moe_intermediate_size=hidden // 2, decoder_sparse_step=1
+            )
+            config = Qwen3VLMoeConfig(
+                text_config=text_config, vision_config=vision_config, **_qwen_token_ids(tokenizer)
+            )
+        else:
+            config = Qwen3VLConfig(text_config=text_config, vision_config=vision_config, **_qwen_token_ids(tokenizer))
+    elif family == "qwen2_vl":
+        text_config = dict(
+            text_common,
+            bos_token_id=bos_id,
+            eos_token_id=eos_id,
+            rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [2, 3, 3]},
+        )
+        # Qwen2-VL's tower: `embed_dim` wide, projected by its merger to the text width `hidden_size`
+        vision_config = {
+            "embed_dim": hidden,
+            "hidden_size": hidden,
+            "mlp_ratio": 2,
+            "num_heads": heads,
+            "depth": _VISION_DEPTH,
+            "patch_size": _PATCH_SIZE[family],
+            "spatial_merge_size": _MERGE_SIZE,
+            "temporal_patch_size": _TEMPORAL_PATCH_SIZE,
+        }
+        config = Qwen2VLConfig(text_config=text_config, vision_config=vision_config, **_qwen_token_ids(tokenizer))
     elif family == "qwen2_5_vl":
         text_config = dict(
             text_common,
@@ -446,7 +665,136 @@ def _build_config(family: str, tokenizer: PreTrainedTokenizerBase, size: str, im
             tokens_per_second=2,
         )
         config = Qwen2_5_VLConfig(text_config=text_config, vision_config=vision_config, **_qwen_token_ids(tokenizer))
-    else:  # llava
+    elif family == "gemma3":
+        text_config = Gemma3TextConfig(
+            **text_common,
+            head_dim=_HEAD_DIM,
+            query_pre_attn_scalar=_HEAD_DIM,
+            # One sliding-window layer and one global layer (real: 5 to 1); the window exceeds every tiny sequence
+            layer_types=["sliding_attention", "full_attention"],
+            sliding_window=512,
+            bos_token_id=bos_id,
+            eos_token_id=eos_id,
+            tie_word_embeddings=False,
+        )
+        vision_config = SiglipVisionConfig(
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=_VISION_DEPTH,
+            num_attention_heads=heads,
+            image_size=image_size,
+            patch_size=_PATCH_SIZE[family],
+        )
+        config = Gemma3Config(
+            text_config=text_config,
+            vision_config=vision_config,
+            mm_tokens_per_image=(image_size // (_PATCH_SIZE[family] * _GEMMA3_POOL)) ** 2,
+            boi_token_index=_token_id(tokenizer, VISION_START),
+            eoi_token_index=_token_id(tokenizer, VISION_END),
+            image_token_index=_token_id(tokenizer, IMAGE_PAD),
+            tie_word_embeddings=False,
+        )
+    elif family == "idefics3":
+        text_config = LlamaConfig(
+            **text_common,
+            head_dim=_HEAD_DIM,
+            bos_token_id=bos_id,
+            eos_token_id=eos_id,
+            tie_word_embeddings=False,
+        )
+        vision_config = {
+            "hidden_size": hidden,
+            "intermediate_size": 2 * hidden,
+            "num_hidden_layers": _VISION_DEPTH,
+            "num_attention_heads": heads,
+            "image_size": image_size,
+            "patch_size": _PATCH_SIZE[family],
+        }
+        config = Idefics3Config(
+            text_config=text_config,
+            vision_config=vision_config,
+            scale_factor=_IDEFICS3_SCALE,
+            image_token_id=_token_id(tokenizer, LLAVA_IMAGE),
+            tie_word_embeddings=False,
+        )
+    elif family == "glm4v":
+        text_config = dict(
+            text_common,
+            # Rotary on half of each head (GLM's partial_rotary_factor), its 4 frequency slots split (t, h, w) as
+            # the real 8:12:12
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 10_000.0,
+                "mrope_section": [2, 1, 1],
+                "partial_rotary_factor": 0.5,
+            },
+        )
+        vision_config = {
+            "depth": _VISION_DEPTH,
+            "hidden_size": hidden,
+            "intermediate_size": 2 * hidden,
+            "num_heads": heads,
+            "patch_size": _PATCH_SIZE[family],
+            "spatial_merge_size": _MERGE_SIZE,
+            "temporal_patch_size": _TEMPORAL_PATCH_SIZE,
+            "out_hidden_size": hidden,
+            # The grid its learned position embeddings are resampled from
+            "image_size": _qwen_side(family, image_size),
+        }
+        start, end = _token_id(tokenizer, VISION_START), _token_id(tokenizer, VISION_END)
+        config = Glm4vConfig(
+            text_config=text_config,
+            vision_config=vision_config,
+            image_token_id=_token_id(tokenizer, IMAGE_PAD),
+            video_token_id=_token_id(tokenizer, VIDEO_PAD),
+            image_start_token_id=start,
+            image_end_token_id=end,
+            video_start_token_id=start,
+            video_end_token_id=end,
+            tie_word_embeddings=False,
+        )
+    elif family == "llava_onevision":
+        # LLaVA-OneVision: a Qwen2 text model over a SigLIP tower
+        text_config = Qwen2Config(**text_common, bos_token_id=bos_id, eos_token_id=eos_id, tie_word_embeddings=False)
+        vision_config = SiglipVisionConfig(
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=_VISION_DEPTH,
+            num_attention_heads=heads,
+            image_size=image_size,
+            patch_size=_PATCH_SIZE[family],
+        )
+        config = LlavaOnevisionConfig(
+            vision_config=vision_config,
+            text_config=text_config,
+            image_token_index=_token_id(tokenizer, LLAVA_IMAGE),
+            video_token_index=_token_id(tokenizer, VIDEO_PAD),
+            image_grid_pinpoints=_llava_next_pinpoints(image_size),
+            vision_feature_select_strategy="full",
+            vision_feature_layer=-1,  # the last layer, so every vision parameter receives a gradient
+            tie_word_embeddings=False,
+        )
+    elif family == "internvl":
+        # InternVL 3's text model is Qwen2's; its vision tower InternViT
+        text_config = Qwen2Config(**text_common, bos_token_id=bos_id, eos_token_id=eos_id, tie_word_embeddings=False)
+        vision_config = InternVLVisionConfig(
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=_VISION_DEPTH,
+            num_attention_heads=heads,
+            image_size=[image_size, image_size],
+            patch_size=[_PATCH_SIZE[family]] * 2,
+        )
+        config = InternVLConfig(
+            text_config=text_config,
+            vision_config=vision_config,
+            image_token_id=_token_id(tokenizer, IMAGE_PAD),
+            image_seq_length=(image_size // (_PATCH_SIZE[family] * _INTERNVL_SCALE)) ** 2,
+            downsample_ratio=1 / _INTERNVL_SCALE,
+            vision_feature_layer=-1,  # the last layer, so every vision parameter receives a gradient
+            tie_word_embeddings=False,
+        )
+    else:  # llava, llava_next
         text_config = LlamaConfig(
             **text_common,
             head_dim=_HEAD_DIM,
@@ -464,17 +812,21 @@ def _build_config(family: str, tokenizer: PreTrainedTokenizerBase, size: str, im
             projection_dim=hidden,
         )
         num_image_tokens = (image_size // _PATCH_SIZE["llava"]) ** 2
-        config = LlavaConfig(
-            vision_config=vision_config,
-            text_config=text_config,
-            image_token_id=_token_id(tokenizer, LLAVA_IMAGE),
-            image_seq_length=num_image_tokens,
-            vision_feature_select_strategy="default",
+        llava = {
+            "vision_config": vision_config,
+            "text_config": text_config,
+            "image_token_id": _token_id(tokenizer, LLAVA_IMAGE),
+            "image_seq_length": num_image_tokens,
+            "vision_feature_select_strategy": "default",
             # Last layer rather than llava-1.5's -2, so every vision parameter receives a gradient.
-            vision_feature_layer=-1,
-            projector_hidden_act="gelu",
-            tie_word_embeddings=False,
-        )
+            "vision_feature_layer": -1,
+            "projector_hidden_act": "gelu",
+            "tie_word_embeddings": False,
+        }
+        if family == "llava_next":
+            config = LlavaNextConfig(**llava, image_grid_pinpoints=_llava_next_pinpoints(image_size))
+        else:
+            config = LlavaConfig(**llava)
 
     # Special ids on both the composite and the text config: generation reads the former, TRL the latter.
     for cfg in (config, config.get_text_config()):
@@ -510,20 +862,42 @@ def build_model(
     if size not in MODEL_SIZES:
         raise ValueError(f"Unknown size {size!r}; expected one of {MODEL_SIZES}")
     tokenizer, processor = _split(processor_or_tokenizer)
+    if family == "idefics3" and processor is None:
+        # The vocabulary is that of the processor's tokenizer, which has the family's image markers added
+        tokenizer, processor = _split(build_processor(family, tokenizer))
     image_size = 32
-    if family == "llava" and processor is not None:
+    if family in ("llava", "llava_next") and processor is not None:
         image_size = int(processor.image_processor.crop_size["height"])
+    if family in ("gemma3", "llava_onevision") and processor is not None:
+        image_size = int(processor.image_processor.size["height"])
+    if family == "idefics3":
+        image_size = int(processor.image_processor.max_image_size["longest_edge"])
+    if family == "internvl" and processor is not None:
+        image_size = int(processor.image_processor.size["height"])
     config = _build_config(family, tokenizer, size, image_size)
     model_cls = {
         "qwen3_vl": Qwen3VLForConditionalGeneration,
         "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
+        "qwen2_vl": Qwen2VLForConditionalGeneration,
+        "qwen3_vl_moe": Qwen3VLMoeForConditionalGeneration,
         "llava": LlavaForConditionalGeneration,
+        "llava_next": LlavaNextForConditionalGeneration,
+        "llava_onevision": LlavaOnevisionForConditionalGeneration,
+        "gemma3": Gemma3ForConditionalGeneration,
+        "idefics3": Idefics3ForConditionalGeneration,
+        "internvl": InternVLForConditionalGeneration,
+        "glm4v": Glm4vForConditionalGeneration,
     }[family]
 
     # Fork the RNG so seeding here neither depends on nor disturbs the caller's random state.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = model_cls(config)
+        if family == "gemma3":
+            # transformers starts Gemma 3's image projection at zero, which would hide the image from a random model;
+            # a unit-scale random one passes the normalised image features on, as a trained projection does
+            projection = model.model.multi_modal_projector.mm_input_projection_weight
+            torch.nn.init.normal_(projection, std=projection.size(0) ** -0.5)
     model = model.to(dtype)
     model.eval()
 

@@ -1,0 +1,133 @@
+"""The family table: every tiny model finds its entry, and each entry's facts hold on the real model class."""
+
+import pytest
+import torch
+
+from trl_vaopd.families import FAMILIES, family_of
+from trl_vaopd.prefix_sharing import backbone_of
+from trl_vaopd.tiny_models import TINY_FAMILIES, build_model
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_each_family_facts_hold_on_its_model(processors, family):
+    model = build_model(family, processors[family])
+    facts = family_of(model)
+    assert facts is FAMILIES[family] and facts.model_type == model.config.model_type == family
+    text_model = getattr(backbone_of(model), facts.text_model)
+    if facts.cue_recovery:
+        assert len(text_model.layers) == model.config.get_text_config().num_hidden_layers
+        assert isinstance(text_model.norm, torch.nn.Module)
+    visual = [getattr(model.config, key, None) for key in facts.visual_token_keys]
+    assert any(i is not None for i in visual)
+    # Multimodal RoPE families compute their prompts' positions with `get_rope_index`
+    assert hasattr(backbone_of(model), "get_rope_index") == (facts.positions == "mrope")
+
+
+def test_unknown_family_has_no_entry(processors):
+    model = build_model("qwen3_vl", processors["qwen3_vl"])
+    model.config.model_type = "not_a_family"
+    assert family_of(model) is None
+
+
+def test_qwen3_vl_moe_teacher_distils_into_a_qwen3_vl_student(processors, tmp_path):
+    """A cross-family pair sharing a tokenizer and a processor trains one step, both models sharing their prompts."""
+    from conftest import image_question_dataset, make_args
+    from steps import Passes, count_passes
+
+    from trl_vaopd import VAOPDTrainer
+
+    processor = processors["qwen3_vl"]
+    student = build_model("qwen3_vl", processor, "student", seed=0)
+    teacher = build_model("qwen3_vl_moe", processors["qwen3_vl_moe"], "teacher", seed=1)
+    teacher_passes, student_passes = Passes(teacher), Passes(student)
+    trainer = VAOPDTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=make_args(tmp_path, method="va_opd", learning_rate=1e-3),
+        train_dataset=image_question_dataset(8),
+        processing_class=processor,
+    )
+    count_passes(trainer, teacher_passes, student_passes)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    logs = trainer.state.log_history[0]
+    assert torch.isfinite(torch.tensor(logs["loss"])) and logs["loss"] > 0 and logs["va/mean"] > 0
+    assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
+    assert teacher_passes.prompts > 0 and student_passes.prompts > 0
+
+
+@pytest.mark.parametrize("method", ["opd", "vicur"])
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_every_method_trains_one_step_on_each_family(processors, tmp_path, family, method):
+    """OPD and ViCuR (the cue teacher and the student's cue-recovery module) on each family; VA-OPD and VGS are in
+    `test_trainer.py`. ViCuR's module is refused by name on a family without it."""
+    from conftest import image_question_dataset
+    from steps import run_one_step
+
+    settings = dict(
+        family=family,
+        method=method,
+        dataset=image_question_dataset(8, cues=True),
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-3,
+    )
+    if method == "vicur" and not FAMILIES[family].cue_recovery:
+        with pytest.raises(ValueError, match=f"got a '{family}' model. Train without it"):
+            run_one_step(processors, tmp_path, **settings)
+        return
+    trainer, delta, _, _ = run_one_step(processors, tmp_path, **settings)
+    assert torch.isfinite(torch.tensor(trainer.state.log_history[0]["loss"]))
+    assert any(d.abs().max() > 0 for n, d in delta.items() if "sink_" not in n)
+    # ViCuR's module trains with the student (its output projection starts at zero, its input ones get no gradient)
+    assert (method == "vicur") == any(d.abs().max() > 0 for n, d in delta.items() if "sink_cross_attns" in n)
+
+
+def smolvlm(processor, size: str, seed: int):
+    """A tiny SmolVLM: Idefics3's architecture and inputs under another `model_type`, outside the table (fed by
+    Idefics3's processor: SmolVLM's own needs the `num2words` package)."""
+    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
+
+    config = build_model("idefics3", processor, size).config
+    config = SmolVLMConfig(
+        text_config=config.text_config.to_dict(),
+        vision_config=config.vision_config.to_dict(),
+        scale_factor=config.scale_factor,
+        image_token_id=config.image_token_id,
+        tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return SmolVLMForConditionalGeneration(config)
+
+
+def test_a_family_outside_the_table_trains_on_full_passes_and_refuses_the_module(processors, tmp_path):
+    from conftest import image_question_dataset, make_args
+    from steps import Passes, count_passes
+
+    from trl_vaopd import VAOPDTrainer
+    from trl_vaopd.cue_recovery import has_cue_recovery
+
+    processor = processors["idefics3"]
+    student, teacher = smolvlm(processor, "student", 0), smolvlm(processor, "teacher", 1)
+    assert family_of(student) is None and not has_cue_recovery(student)
+    teacher_passes = Passes(teacher)
+    trainer = VAOPDTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=make_args(tmp_path, method="va_opd", learning_rate=1e-3),
+        train_dataset=image_question_dataset(8),
+        processing_class=processor,
+    )
+    count_passes(trainer, teacher_passes)
+    trainer.train()
+    assert torch.isfinite(torch.tensor(trainer.state.log_history[0]["loss"]))
+    assert teacher_passes.rollouts == 2 * 8 and teacher_passes.prompts == 0  # full passes, no shared prompt
+    with pytest.raises(ValueError, match="got a 'smolvlm' model. Train without it"):
+        VAOPDTrainer(
+            model=smolvlm(processor, "student", 0),
+            teacher_model=teacher,
+            args=make_args(tmp_path, method="vicur"),
+            train_dataset=image_question_dataset(8, cues=True),
+            processing_class=processor,
+        )
