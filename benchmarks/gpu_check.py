@@ -61,7 +61,7 @@ from trl.trainer.utils import split_pixel_values_by_grid  # noqa: E402
 
 from trl_vaopd import VAOPDConfig, VAOPDTrainer  # noqa: E402
 from trl_vaopd.model_shapes import REAL_SHAPES, build_qwen3_vl, param_bytes, special_token_ids, tiny_shape  # noqa: E402
-from trl_vaopd.prefix_sharing import backbone_of, prefix_groups, shared_prefix_hidden_states  # noqa: E402
+from trl_vaopd.prefix_sharing import backbone_of, cache_keyword, prefix_groups, shared_prefix_hidden_states  # noqa: E402
 from trl_vaopd.tiny_models import build_processor, build_tokenizer  # noqa: E402
 
 
@@ -140,7 +140,7 @@ class RowCounter:
 
     def _count(self, module, args, kwargs):
         rows = kwargs["input_ids"].size(0) if kwargs.get("input_ids") is not None else 0
-        if kwargs.get("use_cache") and kwargs.get("past_key_values") is None:
+        if kwargs.get("use_cache") and kwargs.get(cache_keyword(module)) is None:
             self.prompt_rows += rows
         else:
             self.rollout_rows += rows
