@@ -7,7 +7,8 @@ sits on the numbers read off the figure) and **perimeter** (the papers' regime: 
 phrasings, a student with a style of its own, the text tokens carrying most of the KL). On each, every method of
 `trl_vaopd.demo.experiment.METHODS` for every seed with matched prompts, rollouts, steps and optimiser, from the same
 cached teacher and student: standard OPD, VA-OPD, rollout weighting only, token grouping only, the three masking
-variants, VGS, VA-OPD + VGS, ViCuR with the cue teacher alone, with the cue-recovery module, and ViCuR + VA-OPD.
+variants, VGS, VA-OPD + VGS, ViCuR with the cue teacher alone, with the cue-recovery module, ViCuR + VA-OPD, and
+GRPO on the answer's accuracy alone, mixed into OPD and into VGS (the VGS paper's alpha = 0.3).
 
 Reports held-out accuracy (greedy, and avg@8 at temperature 1), steps to reach OPD's final accuracy, the student's
 own visual reliance along training, the teacher's VA concentration, paired differences to OPD with 95% intervals and
@@ -15,7 +16,7 @@ the task's regime (where the KL sits on the starting student's rollouts); writes
 `replication.png` under `--output_dir/<task>/`.
 
 ```bash
-python examples/replicate.py                              # both tasks, 12 methods x 5 seeds (hours on 2 cores; resumable)
+python examples/replicate.py                              # both tasks, 15 methods x 5 seeds (hours on 2 cores; resumable)
 python examples/replicate.py --tasks perimeter --methods opd vaopd vgs --seeds 0 1 2
 python examples/replicate.py --tiny                       # seconds: the pipeline on a meaningless budget (tests)
 ```
