@@ -175,6 +175,28 @@ def test_vicur_with_rewards_matches_the_reference(processors, tmp_path):
     )
 
 
+def test_a_lora_student_trains_its_adapter_only_under_the_mix(processors, tmp_path):
+    from peft import LoraConfig
+
+    processor = processors["qwen3_vl"]
+    trainer = VAOPDTrainer(
+        model=build_model("qwen3_vl", processor, "student"),
+        teacher_model=build_model("qwen3_vl", processor, "teacher", seed=1),
+        args=make_args(
+            tmp_path, method="vgs", counterfactual_view="drop", distillation_weight=0.3, learning_rate=1e-2
+        ),
+        train_dataset=image_question_dataset(8),
+        processing_class=processor,
+        peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+        reward_funcs=[token_reward],
+    )
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    moved = {n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and all("lora_" in n for n in moved)
+    assert "loss/policy" in trainer.state.log_history[0]
+
+
 def test_rewards_at_distillation_weight_one_are_logged_only(processors, tmp_path):
     _, plain, _, _ = run_one_step(processors, tmp_path / "a", method="opd")
     trainer, logged, _, _ = run_one_step(processors, tmp_path / "b", method="opd", reward_funcs=[token_reward])
