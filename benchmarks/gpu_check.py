@@ -60,6 +60,7 @@ from trl.data_utils import prepare_multimodal_messages  # noqa: E402
 from trl.trainer.utils import split_pixel_values_by_grid  # noqa: E402
 
 from trl_vaopd import VAOPDConfig, VAOPDTrainer  # noqa: E402
+from trl_vaopd.evaluation import tokenize_conversations  # noqa: E402
 from trl_vaopd.model_shapes import REAL_SHAPES, build_qwen3_vl, param_bytes, special_token_ids, tiny_shape  # noqa: E402
 from trl_vaopd.prefix_sharing import backbone_of, cache_keyword, prefix_groups, shared_prefix_hidden_states  # noqa: E402
 from trl_vaopd.tiny_models import build_processor, build_tokenizer  # noqa: E402
@@ -230,14 +231,7 @@ def prefix_check(models: dict, processor, budget: Budget, device: str) -> dict:
             prompt = [{"role": "user", "content": f"Which number is in picture {i}?" + " Look closely." * i}]
             conversations.append(prepare_multimodal_messages(prompt, images=[image]))
             images.append(image)
-    encoded = processor.apply_chat_template(
-        conversations,
-        add_generation_prompt=True,
-        tokenize=True,
-        return_dict=True,
-        return_tensors="pt",
-        processor_kwargs={"padding": True, "padding_side": "left"},
-    )
+    encoded = tokenize_conversations(processor, conversations)
     n = len(conversations)
     generator = torch.Generator().manual_seed(0)
     lengths = torch.randint(1, budget.length + 1, (n,), generator=generator)

@@ -569,6 +569,18 @@ def _rope_heads(hidden: int) -> tuple[int, int]:
     return heads, max(1, heads // 2)
 
 
+def _siglip_tower(family: str, hidden: int, heads: int, image_size: int) -> SiglipVisionConfig:
+    """The tiny SigLIP vision tower of the families built on one (Gemma 3, LLaVA-OneVision)."""
+    return SiglipVisionConfig(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=_VISION_DEPTH,
+        num_attention_heads=heads,
+        image_size=image_size,
+        patch_size=_PATCH_SIZE[family],
+    )
+
+
 def _build_config(family: str, tokenizer: PreTrainedTokenizerBase, size: str, image_size: int) -> Any:
     """Tiny config of the family's real ``...ForConditionalGeneration`` class for one model size."""
     vocab = len(tokenizer)
@@ -677,14 +689,7 @@ def _build_config(family: str, tokenizer: PreTrainedTokenizerBase, size: str, im
             eos_token_id=eos_id,
             tie_word_embeddings=False,
         )
-        vision_config = SiglipVisionConfig(
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=_VISION_DEPTH,
-            num_attention_heads=heads,
-            image_size=image_size,
-            patch_size=_PATCH_SIZE[family],
-        )
+        vision_config = _siglip_tower(family, hidden, heads, image_size)
         config = Gemma3Config(
             text_config=text_config,
             vision_config=vision_config,
@@ -756,14 +761,7 @@ def _build_config(family: str, tokenizer: PreTrainedTokenizerBase, size: str, im
     elif family == "llava_onevision":
         # LLaVA-OneVision: a Qwen2 text model over a SigLIP tower
         text_config = Qwen2Config(**text_common, bos_token_id=bos_id, eos_token_id=eos_id, tie_word_embeddings=False)
-        vision_config = SiglipVisionConfig(
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=_VISION_DEPTH,
-            num_attention_heads=heads,
-            image_size=image_size,
-            patch_size=_PATCH_SIZE[family],
-        )
+        vision_config = _siglip_tower(family, hidden, heads, image_size)
         config = LlavaOnevisionConfig(
             vision_config=vision_config,
             text_config=text_config,
