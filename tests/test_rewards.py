@@ -175,6 +175,26 @@ def test_vicur_with_rewards_matches_the_reference(processors, tmp_path):
     )
 
 
+@pytest.mark.parametrize(
+    "method",
+    ["opd", "va_opd", "vgs", ["va_opd", "vgs"], "vicur", ["va_opd", "vicur"], ["va_opd", "vgs", "vicur"]],
+    ids=lambda m: "+".join(m) if isinstance(m, list) else m,
+)
+def test_every_method_trains_with_rewards(processors, tmp_path, method):
+    trainer, delta, _, _ = run_one_step(
+        processors,
+        tmp_path,
+        dataset=image_question_dataset(8, cues=True),
+        reward_funcs=[token_reward],
+        method=method,
+        distillation_weight=0.5,
+        learning_rate=1e-2,
+    )
+    logs = trainer.state.log_history[0]
+    assert math.isfinite(logs["loss"]) and math.isfinite(logs["loss/policy"]) and logs["loss/distillation"] >= 0
+    assert any(d.abs().max() > 0 for d in delta.values())
+
+
 def test_a_lora_student_trains_its_adapter_only_under_the_mix(processors, tmp_path):
     from peft import LoraConfig
 
