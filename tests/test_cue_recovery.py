@@ -227,40 +227,13 @@ def test_other_families_are_refused_by_name(processors):
 
 def test_size_on_the_real_qwen3_vl_2b_config():
     """6 module layers of 4 d^2 and one shared norm pair (2 d) on Qwen3-VL-2B (d = 2048, 28 layers): 100.7M, 4.52%."""
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    from transformers import Qwen3VLForConditionalGeneration
 
-    # The published Qwen/Qwen3-VL-2B-Instruct config.json values that set the parameter count (no download)
-    config = Qwen3VLConfig(
-        text_config={
-            "hidden_size": 2048,
-            "intermediate_size": 6144,
-            "num_hidden_layers": 28,
-            "num_attention_heads": 16,
-            "num_key_value_heads": 8,
-            "head_dim": 128,
-            "vocab_size": 151936,
-            "tie_word_embeddings": True,
-            "rope_parameters": {
-                "rope_type": "default",
-                "rope_theta": 5000000.0,
-                "mrope_section": [24, 20, 20],
-                "mrope_interleaved": True,
-            },
-        },
-        vision_config={
-            "depth": 24,
-            "hidden_size": 1024,
-            "intermediate_size": 4096,
-            "num_heads": 16,
-            "out_hidden_size": 2048,
-            "patch_size": 16,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-            "num_position_embeddings": 2304,
-            "deepstack_visual_indexes": [5, 11, 17],
-        },
-        tie_word_embeddings=True,
-    )
+    from trl_vaopd.model_shapes import REAL_SHAPES, qwen3_vl_config
+    from trl_vaopd.tiny_models import build_tokenizer
+
+    # The published Qwen/Qwen3-VL-2B-Instruct shape (no download), built on the meta device
+    config = qwen3_vl_config(REAL_SHAPES["student"], build_tokenizer())
     with torch.device("meta"):
         model = Qwen3VLForConditionalGeneration(config)
     total = sum(p.numel() for p in model.parameters())

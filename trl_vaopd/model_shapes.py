@@ -33,6 +33,7 @@ __all__ = [
     "build_qwen3_vl",
     "merged_tokens",
     "param_bytes",
+    "qwen3_vl_config",
     "special_token_ids",
     "tiny_shape",
 ]
@@ -147,7 +148,8 @@ def special_token_ids(tokenizer) -> list[int]:
     return sorted({tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS})
 
 
-def _config(shape: ModelShape, tokenizer) -> Qwen3VLConfig:
+def qwen3_vl_config(shape: ModelShape, tokenizer) -> Qwen3VLConfig:
+    """The `Qwen3VLConfig` of a shape, with the special-token ids of `tokenizer` (a `trl_vaopd.tiny_models` one)."""
     pad_id, eos_id = tokenizer.convert_tokens_to_ids(ENDOFTEXT), tokenizer.convert_tokens_to_ids(IM_END)
     vocab = shape.vocab if shape.vocab is not None else len(tokenizer)
     if vocab < len(tokenizer):
@@ -209,7 +211,7 @@ def build_qwen3_vl(
     shape: ModelShape, tokenizer, seed: int, device: str = "cpu", dtype: torch.dtype = torch.float32
 ) -> Qwen3VLForConditionalGeneration:
     """A random-initialised `Qwen3VLForConditionalGeneration` of `shape`, created directly on `device`."""
-    config = _config(shape, tokenizer)
+    config = qwen3_vl_config(shape, tokenizer)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if device != "cpu":
