@@ -406,5 +406,8 @@ if __name__ == "__main__":
 
         run_demo()
     else:
-        # Destroying the process group before exit: leaving it to interpreter shutdown aborts a gloo rank now and then
-        main(*parse_args(sys.argv[1:])).accelerator.end_training()
+        # Every rank waits for the others to finish saving, then destroys the process group before exit: a rank that
+        # tears down while another still works, or leaves the group to interpreter shutdown, aborts now and then (gloo)
+        accelerator = main(*parse_args(sys.argv[1:])).accelerator
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
