@@ -8,12 +8,15 @@ A model, not a GPU measurement. It measures, at Qwen3-VL-2B's and -8B's real wid
 - the output heads at the real vocabulary (151,936 rows), per completion token: the divergence kernel (both heads,
   forward + backward), the teacher's log-probabilities (VA-OPD's two views), VGS's four-distribution kernel;
 - ViCuR's cue-recovery module (one layer, forward + backward, over the image's tokens);
+- the work that does not grow with the width, at a tiny width: a backbone call's fixed cost (masks, multimodal RoPE
+  indices, launches), what a prefix-shared pass does besides its two calls (grouping, the completions' positions, the
+  cache's repeat per sibling), and the pixelate view of one rollout's prompt (the view, then the processor);
 
 and composes them into a training step per method at full depth (36-layer teacher, 28-layer student) by the passes
 the README's method table states: teacher passes per rollout OPD 1, VA-OPD 2, VGS 2 (and 2 student passes with
 gradient), ViCuR 1 (prompt lengthened by the cue) plus the module. TRL's OPD runs every pass over `P + C` positions;
 `VAOPDTrainer` with prefix sharing runs each sibling group's prompt once, `P / K + C` positions per rollout, its
-attention `P^2 / K + (P + C)^2 - P^2`. Generation is the same work in every method; the ratios are given without it
+attention `P^2 / K + (P + C)^2 - P^2`, in two backbone calls per micro-batch and view where TRL's makes one. Generation is the same work in every method; the ratios are given without it
 and with it counted as compute (on a GPU, decoding is memory-bound and slower than that, so ratios move towards 1).
 
 The memory model is arithmetic on the shapes (bf16 weights, gradients and AdamW moments; activations from the saved
@@ -40,14 +43,20 @@ from pathlib import Path
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from gpu_check import Budget, noise_image, prefix_rows  # noqa: E402
+from trl.data_utils import prepare_multimodal_messages  # noqa: E402
 
 from trl_vaopd import chunked  # noqa: E402
 from trl_vaopd.chunked import OutputHead, per_token_divergence, token_logprobs, vgs_divergences  # noqa: E402
 from trl_vaopd.cue_recovery import CueRecoveryAttention  # noqa: E402
-from trl_vaopd.model_shapes import REAL_SHAPES, ModelShape, build_qwen3_vl, tiny_shape  # noqa: E402
-from trl_vaopd.tiny_models import build_tokenizer  # noqa: E402
+from trl_vaopd.evaluation import tokenize_conversations  # noqa: E402
+from trl_vaopd.model_shapes import MERGE_SIZE, REAL_SHAPES, ModelShape, build_qwen3_vl, tiny_shape  # noqa: E402
+from trl_vaopd.prefix_sharing import backbone_of, prefix_groups, shared_prefix_hidden_states  # noqa: E402
+from trl_vaopd.tiny_models import IMAGE_PAD, VISION_END, VISION_START, build_processor, build_tokenizer  # noqa: E402
+from trl_vaopd.views import get_view  # noqa: E402
 
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -190,7 +199,82 @@ def measure_model(
         costs[f"vision_{mode}_block"] = block
         costs[f"vision_{mode}_rest"] = tower[1] - block
     costs["vision_image_side"], costs["vision_patches"] = image_side, grid * grid
+
     return costs
+
+
+def measure_call(shape: ModelShape, tokenizer, lengths, rows: int, image_side: int, repeat: int = 3) -> dict:
+    """The fixed cost of one backbone call, forward and forward + backward: a 1-layer model's whole forward over
+    `rows` rows with an image each, fitted as `c + slope L` over the length, less its vision tower's time. What is
+    left is the call's own work (masks, multimodal RoPE indices, launch costs), whatever the call's size."""
+    model = build_qwen3_vl(replace(shape, layers=1, vision_depth=1, deepstack=(), vocab=None), tokenizer, seed=0)
+    grid = image_side // 16
+    ids = tokenizer.convert_tokens_to_ids
+    image_row = [ids(VISION_START)] + [ids(IMAGE_PAD)] * (grid // MERGE_SIZE) ** 2 + [ids(VISION_END)]
+    word = tokenizer("a", add_special_tokens=False)["input_ids"][0]
+    pixels = torch.randn(rows * grid * grid, 3 * 2 * 16 * 16)
+    grid_thw = torch.tensor([[1, grid, grid]] * rows)
+    costs = {}
+    for mode, backward in (("fwd", False), ("fwd_bwd", True)):
+        model.requires_grad_(backward)
+
+        def tower(backward=backward):
+            with torch.set_grad_enabled(backward):
+                out = model.model.visual(pixels, grid_thw=grid_thw)
+                if backward:
+                    out.pooler_output.sum().backward()
+
+        seconds = []
+        for n in lengths:
+            input_ids = torch.tensor([image_row + [word] * n] * rows)
+
+            def call(input_ids=input_ids, backward=backward):
+                with torch.set_grad_enabled(backward):
+                    out = model.model(
+                        input_ids=input_ids,
+                        attention_mask=torch.ones_like(input_ids),
+                        pixel_values=pixels,
+                        image_grid_thw=grid_thw,
+                        mm_token_type_ids=(input_ids == ids(IMAGE_PAD)).long(),
+                        use_cache=False,
+                    )
+                    if backward:
+                        out.last_hidden_state.sum().backward()
+
+            seconds.append(timed(call, repeat))
+        x = torch.tensor([[1.0, float(n + len(image_row))] for n in lengths], dtype=torch.float64)
+        intercept = torch.linalg.lstsq(x, torch.tensor(seconds, dtype=torch.float64)).solution[0].item()
+        costs[f"call_{mode}_per_call"] = dict(zip(map(str, lengths), seconds, strict=True))
+        costs[f"call_{mode}"] = max(intercept - timed(tower, repeat), 0.0)
+    return costs
+
+
+def measure_sharing(shape: ModelShape, tokenizer, image_side: int, rows: int, k: int, repeat: int = 3) -> float:
+    """The work of one prefix-shared pass outside its two backbone calls (grouping, the completions' multimodal
+    positions, the cache's repeat per sibling), on a 1-layer model over `rows` rollouts in groups of `k`."""
+    model = build_qwen3_vl(replace(shape, layers=1, vision_depth=1, deepstack=(), vocab=None), tokenizer, seed=0)
+    processor = build_processor("qwen3_vl", tokenizer, image_size=image_side)
+    batch = prefix_rows(processor, Budget(prompts=rows // k, k=k, length=32, image_size=image_side), "cpu")
+    inside = []
+    backbone = backbone_of(model)
+    started = backbone.register_forward_pre_hook(lambda *_: inside.append(-time.perf_counter()))
+    ended = backbone.register_forward_hook(lambda *_: inside.append(time.perf_counter()))
+    with torch.no_grad():
+        total = timed(lambda: shared_prefix_hidden_states(model, batch, prefix_groups(batch)), repeat, warmup=False)
+    started.remove(), ended.remove()
+    return max(total - sum(inside) / repeat, 0.0)
+
+
+def measure_view(tokenizer, image_side: int, repeat: int = 3) -> float:
+    """The pixelate view of one rollout's prompt, as the trainer builds it: the view of its image, then the processor
+    over the prompt (CPU work, per rollout, whatever the model)."""
+    processor = build_processor("qwen3_vl", tokenizer, image_size=image_side)
+    image = noise_image(0, image_side)
+    view = get_view("pixelate")
+    prompt = [{"role": "user", "content": "Which number is in the picture?"}]
+    return timed(
+        lambda: tokenize_conversations(processor, [prepare_multimodal_messages(prompt, [view(image)])]), repeat
+    )
 
 
 def measure_heads(student: ModelShape, teacher: ModelShape, vocab: int, tokens: int) -> dict:
@@ -283,6 +367,19 @@ def step(method: str, m: dict, s: dict, shared: bool) -> dict:
         student += pass_cost(st, s["student_layers"], "fwd_bwd", tokens, pairs)
         if not (drop and view):
             student += images_per_rollout * vision_cost(st, s["student_vision_depth"], "fwd_bwd") * s["image_scale"]
+    # Each pass is one backbone call per micro-batch of `rows` rollouts; a shared one two (the prompts, then the
+    # completions on their cache)
+    calls = (2 if share else 1) / s["rows"]
+    teacher += teachers * calls * tt["call_fwd"]
+    student += students * calls * st["call_fwd_bwd"]
+    # What a shared pass does besides its backbone calls, per micro-batch
+    if share:
+        glue = m["sharing_per_pass"][str(s["image_side"])] / s["rows"]
+        teacher += teachers * glue
+        student += students * glue
+    # The pixelate view's prompts, one per rollout (the drop view re-tokenizes text only: left out)
+    if teachers == 2 and not drop:
+        teacher += m["view_per_image"][str(s["image_side"])]
     heads = m["heads"]
     if "vgs" in method:
         head = heads["vgs"] * completion
@@ -363,6 +460,7 @@ def full_depth(m: dict) -> dict:
         "student_hidden": st.hidden,
         "teacher_hidden": tt.hidden,
         "micro_batch": 4,
+        "rows": 4,
         "generation_batch": 16,
     }
     table = []
@@ -403,6 +501,11 @@ def agreement(tokenizer) -> dict:
         "module_per_row": measure_module(student, 4),
         "image_side": 64,
     }
+    for name, shape in (("student", student), ("teacher", teacher)):
+        m[name].update(measure_call(shape, tokenizer, lengths, rows, 64))
+    sides = {max(by[case]["config"]["image_size"], 64) for case in by}  # 64: the tiny processor's smallest side
+    m["view_per_image"] = {str(side): measure_view(tokenizer, side) for side in sorted(sides)}
+    m["sharing_per_pass"] = {str(side): measure_sharing(student, tokenizer, side, rows, 4) for side in sorted(sides)}
     # The benchmark's cue, in tokens: what it added to the teacher's shared prompt, per rollout, times K
     cue_tokens = config["k"] * (
         by[("base", "vicur")]["teacher_positions_per_rollout"]
@@ -425,7 +528,7 @@ def agreement(tokenizer) -> dict:
     for tag, trainer in cases:
         opd, run = by[(tag, "trl_opd")], by[(tag, trainer)]
         c = run["config"]
-        side = c["image_size"] if c["image_size"] >= 64 else 64  # the tiny processor's smallest side
+        side = max(c["image_size"], 64)
         image_tokens = (side // 32) ** 2
         s = {
             "student_layers": 4,
@@ -436,6 +539,7 @@ def agreement(tokenizer) -> dict:
         }
         s["prompt_text"] = run["prompt_tokens_per_rollout"] - image_tokens
         s["cue_tokens"] = cue_tokens
+        s["rows"] = c["per_device_train_batch_size"]
         shared = trainer != "vaopd_unshared"
         ref, got = step("trl_opd", m, s, False), step(names[trainer], m, s, shared)
         # The share of TRL's measured step that the model covers: teacher and student groups and the kernels
@@ -487,6 +591,17 @@ def main(argv=None) -> int:
         "module_per_row": measure_module(student, 196),
         "image_side": side,
     }
+    if "call_fwd" not in m["student"]:
+        # A call's fixed cost does not grow with the width (it is the Python and launch work around the compute), and
+        # at the real widths it would vanish in the compute's noise: measured at a tiny width, as the tiny check does
+        calls = measure_call(tiny_shape(64, layers=1), tokenizer, (48, 96, 192), 4, 64)
+        for name in ("student", "teacher"):
+            m[name].update(calls)
+    if "view_per_image" not in m:
+        # CPU work that does not grow with the models' width: measured at a tiny width
+        m["view_per_image"] = {str(side): measure_view(tokenizer, side) for side in (448, 1024)}
+        tiny = tiny_shape(64, layers=1)
+        m["sharing_per_pass"] = {str(side): measure_sharing(tiny, tokenizer, side, 4, 4) for side in (448, 1024)}
     m["saved"] = {k: m[k]["layer_saved_bytes_per_token_fp32"] for k in ("student", "teacher")}
     # Parameters of the full-depth models, counted on the meta device (nothing allocated)
     m["params"] = {

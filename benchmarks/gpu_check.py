@@ -221,16 +221,16 @@ def run(
     return result
 
 
-def prefix_check(models: dict, processor, budget: Budget, device: str) -> dict:
-    """Shared-prefix hidden states against the full pass: relative error over the valid completion positions."""
+def prefix_rows(processor, budget: Budget, device: str) -> dict:
+    """`budget.prompts` groups of `budget.k` rollouts (one noise image each, random completions of up to
+    `budget.length` tokens) as the trainer hands them to the teacher, on `device`."""
     tokenizer = processor.tokenizer
-    conversations, images = [], []
+    conversations = []
     for i in range(budget.prompts):
         for _ in range(budget.k):
             image = noise_image(100 + i, budget.image_size)
             prompt = [{"role": "user", "content": f"Which number is in picture {i}?" + " Look closely." * i}]
             conversations.append(prepare_multimodal_messages(prompt, images=[image]))
-            images.append(image)
     encoded = tokenize_conversations(processor, conversations)
     n = len(conversations)
     generator = torch.Generator().manual_seed(0)
@@ -256,7 +256,12 @@ def prefix_check(models: dict, processor, budget: Budget, device: str) -> dict:
         elif isinstance(value, list) and value and torch.is_tensor(value[0]):
             value = [t.to(device) for t in value]
         on_device[key] = value
-    rows = on_device
+    return on_device
+
+
+def prefix_check(models: dict, processor, budget: Budget, device: str) -> dict:
+    """Shared-prefix hidden states against the full pass: relative error over the valid completion positions."""
+    rows = prefix_rows(processor, budget, device)
     valid = rows["completion_mask"].bool()
     report = {}
     for name, model in models.items():
