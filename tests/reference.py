@@ -26,6 +26,7 @@ from trl_vaopd.objective import (
     vgs_loss,
     vgs_token_loss,
     vgs_token_terms,
+    view_kl_advantage,
     visual_advantage,
 )
 from trl_vaopd.views import get_view
@@ -136,7 +137,8 @@ def reference(
     reward_of=None,
 ) -> dict:
     """VA-OPD's (and VGS's) quantities and loss `L` for `args` (docs/methods/), over the rollouts `rows` (the whole
-    batch).
+    batch). The visual advantage is the one `args.visual_advantage` names: the teacher's log-probability gap of the
+    sampled token between its two views, or its `KL(q || qbar)` between them.
 
     With `cues` (picture -> cue), the teacher reads the question followed by `"\n[Hint]: <cue>"` in every view. With
     `reward_of` (completion tokens -> reward), the loss mixes in GRPO's (`grpo_reference`) by `distillation_weight`.
@@ -179,7 +181,12 @@ def reference(
 
     with torch.no_grad():
         teacher_logits, teacher_cf_logits = logits(teacher, "original"), logits(teacher, view)
-    reference_va = visual_advantage(token_logp(teacher_logits), token_logp(teacher_cf_logits), mask)
+    if getattr(args, "visual_advantage", "sampled_token") == "teacher_view_kl":
+        # KL(q || qbar) of the teacher's two views, from their full distributions
+        log_q, log_qbar = torch.log_softmax(teacher_logits, -1), torch.log_softmax(teacher_cf_logits, -1)
+        reference_va = view_kl_advantage((log_q.exp() * (log_q - log_qbar)).sum(-1), mask)
+    else:
+        reference_va = visual_advantage(token_logp(teacher_logits), token_logp(teacher_cf_logits), mask)
     va = reference_va if va is None else va.double()
     groups = [row.picture for row in rows]
     if args.rollout_weighting:

@@ -34,6 +34,12 @@ from trl_vaopd.tiny_models import build_model, build_processor, build_tokenizer
         ("method", ["vgs", "vgs"], "lists a method twice"),
         ("method", [], "method must be one or more of"),
         ("va_token_mask", "middle", "va_token_mask must be one of top, low, random"),
+        (
+            "visual_advantage",
+            "view_kl",
+            r"visual_advantage must be one of sampled_token, teacher_view_kl, got 'view_kl'\. Did you mean "
+            "'teacher_view_kl'",
+        ),
     ],
 )
 def test_config_rejects_out_of_range_settings(tmp_path, setting, value, message):
@@ -47,6 +53,11 @@ def test_config_rejects_out_of_range_settings(tmp_path, setting, value, message)
         ({"method": "vgs", "beta": 0.5}, "VGS's terms are reverse KLs"),
         ({"method": ["va_opd", "vgs"], "beta": 0.0}, "VGS's terms are reverse KLs"),
         ({"va_token_mask": "top"}, "set token_grouping=False"),
+        (
+            {"method": "opd", "visual_advantage": "teacher_view_kl"},
+            r"visual_advantage='teacher_view_kl' changes the visual advantage, but no component of method=\['opd'\] "
+            r"uses it .* \(e\.g\. method='va_opd'\), or drop the setting",
+        ),
     ],
 )
 def test_config_refuses_settings_a_method_cannot_honour(tmp_path, settings, message):

@@ -5,7 +5,7 @@ import torch
 
 from trl_vaopd import chunked
 from trl_vaopd.chunked import OutputHead, per_token_divergence, token_logprobs, vgs_divergences
-from trl_vaopd.objective import vaopd_loss, vgs_token_terms
+from trl_vaopd.objective import vaopd_loss, vgs_token_terms, view_kl_advantage
 
 
 def _setup(seed=0, n=3, t=5, hs=6, ht=8, vocab=37):
@@ -66,6 +66,31 @@ def test_token_logprobs_match_log_softmax_with_bias_scale_and_softcap():
     ref = torch.log_softmax(logits, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1) * mask
     assert torch.allclose(got.double(), ref, atol=1e-5)
     assert torch.all(got[mask == 0] == 0)
+
+
+@pytest.mark.parametrize("softcap, pad", [(None, 0), (3.0, 6)])
+def test_view_kl_advantage_from_the_teachers_states_matches_the_float64_full_logit_reference(softcap, pad):
+    # The trainer's teacher_view_kl VA: the chunked divergence of the teacher's head against itself, from its hidden
+    # states of the two views, then `view_kl_advantage`
+    _, hidden, _, w, mask = _setup(seed=8)
+    gen = torch.Generator().manual_seed(9)
+    hidden_cf = hidden + 0.7 * torch.randn(hidden.shape, generator=gen, dtype=torch.float64)
+    vocab = w.size(0)
+    w = torch.cat([w, 5 * torch.randn(pad, w.size(1), generator=gen, dtype=torch.float64)])  # a padded head
+    bias = torch.randn(w.size(0), generator=gen, dtype=torch.float64)
+    head = OutputHead(w.float(), bias.float(), 0.8, softcap, vocab if pad else None)
+    temperature = 1.3
+    view_kl, _ = per_token_divergence(hidden.float(), hidden_cf.float(), head, head, mask, 1.0, temperature)
+    got = view_kl_advantage(view_kl, mask)
+
+    def log_probs(h):
+        z = (h @ w[:vocab].T + bias[:vocab]) * 0.8
+        return torch.log_softmax((softcap * torch.tanh(z / softcap) if softcap else z) / temperature, -1)
+
+    log_q, log_qbar = log_probs(hidden), log_probs(hidden_cf)
+    ref = (log_q.exp() * (log_q - log_qbar)).sum(-1) * mask
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-6)
+    assert torch.all(got[mask == 0] == 0) and torch.all(got[mask == 1] > 1e-3)
 
 
 @pytest.mark.parametrize(

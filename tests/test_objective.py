@@ -15,6 +15,7 @@ from trl_vaopd.objective import (
     va_mass_share,
     va_token_mask,
     vaopd_loss,
+    view_kl_advantage,
     visual_advantage,
 )
 
@@ -31,6 +32,32 @@ def test_visual_advantage_is_positive_gap_on_valid_tokens_and_detached():
 def test_visual_advantage_rejects_shape_mismatch():
     with pytest.raises(ValueError, match="equal shapes"):
         visual_advantage(torch.zeros(2, 3), torch.zeros(2, 4), torch.ones(2, 3))
+
+
+def test_view_kl_advantage_scores_a_right_and_a_wrong_sampled_token_alike():
+    # docs/methods/va_opd.md, "Variant: the teacher's view divergence": the teacher is sure of token 0 with the image
+    # (logits 3, 0, 0) and undecided without it (uniform). The student sampled token 0 (right) at the first position
+    # and token 1 (wrong) at the second, from the same teacher distributions
+    log_q = torch.log_softmax(torch.tensor([[[3.0, 0.0, 0.0]] * 2], dtype=torch.float64), dim=-1)
+    log_qbar = torch.log_softmax(torch.zeros(1, 2, 3, dtype=torch.float64), dim=-1)
+    sampled = torch.tensor([[0, 1]])
+    mask = torch.ones(1, 2)
+
+    def token(logp):
+        return logp.gather(-1, sampled.unsqueeze(-1)).squeeze(-1)
+
+    paper = visual_advantage(token(log_q), token(log_qbar), mask)
+    assert paper[0].tolist() == pytest.approx([1.003689, 0.0], abs=1e-6)  # high if right, 0 if wrong
+    view_kl = (log_q.exp() * (log_q - log_qbar)).sum(-1)
+    assert view_kl_advantage(view_kl, mask)[0].tolist() == pytest.approx([0.732018, 0.732018], abs=1e-6)
+
+
+def test_view_kl_advantage_is_zero_on_invalid_positions_clipped_and_detached():
+    view_kl = torch.tensor([[0.5, -1e-8, float("nan")]], requires_grad=True)
+    va = view_kl_advantage(view_kl, torch.tensor([[1, 1, 0]]))
+    assert va.tolist() == [[0.5, 0.0, 0.0]] and not va.requires_grad  # rounding below 0 clipped, padding 0
+    with pytest.raises(ValueError, match="equal shapes"):
+        view_kl_advantage(torch.zeros(2, 3), torch.ones(2, 4))
 
 
 def test_rollout_weights_reproduce_the_papers_method_figure():

@@ -274,7 +274,7 @@ def test_both_views_in_one_call_are_different_prompts(processors, tmp_path):
         assert passes.prompts == 2  # not 1: the two views' prompts differ in pixels
         assert passes.positions == 2 * (int(batch["prompt_mask"][0].sum()) + completions)
         assert passes.max_rows == max_rows
-    for field in ("logp", "cf_logp", "cf_hidden"):
+    for field in ("logp", "cf_logp", "cf_hidden", "view_kl"):
         torch.testing.assert_close(getattr(scores[8], field), getattr(scores[4], field), atol=ATOL, rtol=RTOL)
     assert not torch.allclose(scores[8].logp, scores[8].cf_logp)
 

@@ -4,9 +4,11 @@ LoRA, resume."""
 import pytest
 import torch
 from conftest import image_question_dataset, make_args, pad_output_head
-from steps import cat, check_step_against_reference, run_one_step
+from reference import reference, rollouts_of
+from steps import assert_update_is_minus_gradient, cat, check_step_against_reference, run_one_step
 
 from trl_vaopd import VAOPDTrainer
+from trl_vaopd.objective import view_kl_advantage
 from trl_vaopd.tiny_models import TINY_FAMILIES, build_model
 
 
@@ -363,3 +365,81 @@ def test_padded_heads_train_like_heads_cut_to_the_tokenizer(processors, tmp_path
     sampled, _ = step(*padded_pair(), "sampled")
     completions = cat(sampled._buffered_inputs, "completion_ids")
     assert completions.max() < size
+
+
+def keep_outputs(monkeypatch, *methods: str) -> dict:
+    """The last output of each of `VAOPDTrainer`'s `methods` during a run, by name (e.g. `_score_views`: the teacher's
+    scores; `_generate_and_score_completions`: the generation batch in sampling order, before the shuffle)."""
+    kept = {}
+
+    def keeping(name, method):
+        def kept_method(self, *args):
+            kept[name] = method(self, *args)
+            return kept[name]
+
+        return kept_method
+
+    for name in methods:
+        monkeypatch.setattr(VAOPDTrainer, name, keeping(name, getattr(VAOPDTrainer, name)))
+    return kept
+
+
+@pytest.mark.parametrize(
+    "settings, sampled_token_logp, view_kl",
+    [({"method": "opd"}, False, False), ({"method": "va_opd"}, True, False), ({"method": "vgs"}, True, True)],
+)
+def test_the_teacher_scores_only_what_the_run_uses(
+    processors, tmp_path, monkeypatch, settings, sampled_token_logp, view_kl
+):
+    # The counterfactual view's log-probs of the sampled tokens feed the paper's VA; its KL to the original view feeds
+    # VGS's VDS and the teacher_view_kl VA (tested below), and runs only for them
+    kept = keep_outputs(monkeypatch, "_score_views")
+    run_one_step(processors, tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=2, **settings)
+    scores = kept["_score_views"]
+    assert (scores.cf_logp is not None, scores.view_kl is not None) == (sampled_token_logp, view_kl)
+
+
+@pytest.mark.parametrize("method", ["va_opd", ["va_opd", "vgs"]])
+def test_teacher_view_kl_variant_is_minus_gradient_of_its_objective_at_no_extra_pass(
+    processors, tmp_path, monkeypatch, method
+):
+    kept = keep_outputs(monkeypatch, "_generate_and_score_completions", "_score_views")
+    trainer, delta, teacher, student = run_one_step(
+        processors,
+        tmp_path,
+        method=method,
+        visual_advantage="teacher_view_kl",
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+    )
+    # The same passes as with the paper's VA: the view KL comes from the two teacher views already scored
+    assert teacher.rollouts == 2 * 8 and student.rollouts == (2 * 8 if trainer.args.vgs else 8)
+    # Only the variant's inputs were computed: no sampled-token log-probs of the counterfactual view
+    scores, batch = kept["_score_views"], kept["_generate_and_score_completions"]
+    assert scores.cf_logp is None and scores.view_kl is not None
+
+    processor = processors["qwen3_vl"]
+    rows = rollouts_of([batch], processor.tokenizer)
+    width = max(row.completion.numel() for row in rows)
+    run_va = view_kl_advantage(scores.view_kl, batch["completion_mask"])[:, :width]
+    ref_student = build_model("qwen3_vl", processor, "student", seed=0)
+    ref_teacher = build_model("qwen3_vl", processor, "teacher", seed=1)
+    # The weights and groups follow the run's own VA: the tiny teacher's view KLs are about 1e-3 nats, so float32
+    # rounding (1e-6) of them moves the siblings' z-scores visibly; the VA itself is checked against float64 here
+    ref = reference(rows, ref_student, ref_teacher, processor, trainer.args, va=run_va)
+    valid = ref["mask"].bool()
+    # The float64 KL(q || qbar) of the teacher's full distributions: positive wherever the views differ, whichever
+    # token was sampled
+    torch.testing.assert_close(run_va.double(), ref["va"], rtol=0, atol=2e-6)
+    assert (ref["va"][valid] > 0).all()
+    ref["loss"].backward()
+    assert_update_is_minus_gradient(delta, ref_student)
+    logs = trainer.state.log_history[0]
+    assert logs["loss"] == pytest.approx(ref["loss"].item(), rel=1e-4)
+    assert logs["va/mean"] == pytest.approx(run_va[valid].mean().item(), rel=1e-5)  # the metrics report the variant
+    torch.testing.assert_close(
+        batch["vaopd_coefficients"][:, :width].double(), ref["coefficients"], rtol=1e-4, atol=1e-7
+    )
+    assert 0.25 < logs["weights/max"] and logs["weights/min"] < 0.25  # the rollouts are weighted
+    if trainer.args.vgs:
+        assert torch.equal(batch["vgs_lp_mask"][:, :width], ref["lp"])

@@ -76,6 +76,10 @@ def test_help_runs_and_lists_the_package_options_first():
         (lambda tmp: VAOPDConfig(output_dir=tmp, method="vaopd"), r"got \['vaopd'\]\. Did you mean 'va_opd'\?"),
         (lambda tmp: VAOPDConfig(output_dir=tmp, method=["va_opd", "VGS"]), r"Did you mean 'vgs'\?"),
         (lambda tmp: VAOPDConfig(output_dir=tmp, counterfactual_view="pixellate"), r"Did you mean 'pixelate'\?"),
+        (
+            lambda tmp: VAOPDConfig(output_dir=tmp, visual_advantage="Teacher-View-KL"),
+            r"Did you mean 'teacher_view_kl'\?",
+        ),
         (lambda tmp: get_view("blurr"), r"Unknown counterfactual_view 'blurr'\. Did you mean 'blur'\?"),
         (lambda tmp: build_processor("qwen3vl", build_tokenizer()), r"Did you mean 'qwen3_vl'\?"),
         (lambda tmp: save_tiny_vlm(tmp, family="qwen2.5_vl"), r"Did you mean 'qwen2_5_vl'\?"),

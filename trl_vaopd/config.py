@@ -10,7 +10,7 @@ from trl import DistillationConfig
 from trl.import_utils import is_vllm_available
 
 from .names import did_you_mean
-from .objective import LOSS_AGGREGATIONS, POLICY_LOSS_TYPES, SCALE_REWARDS, VA_TOKEN_MASKS
+from .objective import LOSS_AGGREGATIONS, POLICY_LOSS_TYPES, SCALE_REWARDS, VA_TOKEN_MASKS, VISUAL_ADVANTAGES
 from .privileged import DEFAULT_CUE_TEMPLATE
 from .views import VIEW_NAMES
 
@@ -74,6 +74,15 @@ class VAOPDConfig(DistillationConfig):
             Softmax temperature `tau` of the rollout weights, `> 0`.
         va_eps (`float`, *optional*, defaults to `1e-6`):
             Stabiliser added to the standard deviation of sibling mean VAs, `> 0`.
+        visual_advantage (`str`, *optional*, defaults to `"sampled_token"`):
+            How a token's visual advantage (VA) is defined, wherever VA is used (rollout weights, token groups, the
+            masking analysis, the VA metrics). `"sampled_token"`: the paper's, the gap of the teacher's log-probability
+            of the sampled token between the original and the counterfactual view, clipped at 0. `"teacher_view_kl"`:
+            the package's own variant, not in the papers: the teacher's `KL(q || qbar)` between its two views'
+            next-token distributions over the full vocabulary (VGS's visual dependency score), which does not depend on
+            the sampled token, so a position where the image decides the answer scores high whether the student read
+            the image right or wrong (`docs/methods/va_opd.md`, "Variant: the teacher's view divergence"). It costs no
+            extra model pass. Needs a component that uses VA.
         method (`list[str]`, *optional*, defaults to `["va_opd"]`):
             The published method(s) to run: `"opd"` (standard on-policy distillation), `"va_opd"` (VA-OPD), `"vgs"`
             (Visual Gradient Steering), `"vicur"` (ViCuR: a teacher that sees a visual cue, and the student's
@@ -238,6 +247,14 @@ class VAOPDConfig(DistillationConfig):
         default=1e-6,
         metadata={"help": "Stabiliser added to the standard deviation of sibling mean VAs, > 0."},
     )
+    visual_advantage: str = field(
+        default="sampled_token",
+        metadata={
+            "help": "Visual advantage: the paper's gap of the teacher's log-prob of the sampled token between its two "
+            "views, or the package's variant, the teacher's KL between its two views' next-token distributions.",
+            "choices": list(VISUAL_ADVANTAGES),
+        },
+    )
     method: list[str] = field(
         default_factory=lambda: ["va_opd"],
         metadata={
@@ -395,6 +412,17 @@ class VAOPDConfig(DistillationConfig):
                 f"VAOPDConfig.counterfactual_view must be one of {', '.join(VIEW_NAMES)}, got "
                 f"{self.counterfactual_view!r}.{did_you_mean(self.counterfactual_view, VIEW_NAMES)} For a custom view, "
                 "pass a callable image -> image as the trainer's `counterfactual_view` argument."
+            )
+        if self.visual_advantage not in VISUAL_ADVANTAGES:
+            raise ValueError(
+                f"VAOPDConfig.visual_advantage must be one of {', '.join(VISUAL_ADVANTAGES)}, got "
+                f"{self.visual_advantage!r}.{did_you_mean(self.visual_advantage, VISUAL_ADVANTAGES)}"
+            )
+        if self.visual_advantage != "sampled_token" and not self.needs_counterfactual:
+            raise ValueError(
+                f"VAOPDConfig.visual_advantage={self.visual_advantage!r} changes the visual advantage, but no component "
+                f"of method={self.method!r} uses it (rollout_weighting, token_grouping and vgs off, no va_token_mask, "
+                "log_va_metrics off). Turn on a component that uses VA (e.g. method='va_opd'), or drop the setting."
             )
         if self.va_token_mask is not None and self.va_token_mask not in VA_TOKEN_MASKS:
             raise ValueError(

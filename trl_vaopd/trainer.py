@@ -68,6 +68,7 @@ from .objective import (
     vaopd_loss,
     vgs_loss,
     vgs_token_loss,
+    view_kl_advantage,
     visual_advantage,
 )
 from .prefix_sharing import call_slices, prefix_groups, prefix_sharing_support, shared_prefix_hidden_states
@@ -142,16 +143,19 @@ def _concat_rows(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any
 
 class TeacherScores(NamedTuple):
     """What the teacher's scoring of a generation batch keeps, per rollout (counterfactual fields `None` when the run
-    does not need that view, hidden states of a view only when the loss needs them)."""
+    does not need them, hidden states of a view only when the loss needs them)."""
 
     logp: torch.Tensor
     """`(N, T)` log-probabilities of the sampled tokens, original view."""
     hidden: torch.Tensor
     """`(N, T, H_t)` hidden states, original view (the KL target)."""
     cf_logp: torch.Tensor | None
-    """`(N, T)` log-probabilities of the same tokens under the counterfactual view."""
+    """`(N, T)` log-probabilities of the same tokens under the counterfactual view (the paper's VA)."""
     cf_hidden: torch.Tensor | None
     """`(N, T, H_t)` hidden states under the counterfactual view (VGS's `qbar`)."""
+    view_kl: torch.Tensor | None
+    """`(N, T)` the teacher's `KL(q || qbar)` between its two views' next-token distributions (VGS's VDS, and the
+    `visual_advantage="teacher_view_kl"` VA)."""
 
 
 class VAOPDTrainer(DistillationTrainer):
@@ -630,14 +634,21 @@ class VAOPDTrainer(DistillationTrainer):
         fits in a call. A call holds both views of its rollouts when they share a token layout and twice its rows fit,
         else one view: the teacher never holds more than `max_rows` rows at once.
         """
-        head, temperature = self._teacher_head, self.args.divergence_temperature
-        with_counterfactual, keep_cf_hidden = self.args.needs_counterfactual, self.args.vgs
+        args = self.args
+        head, temperature = self._teacher_head, args.divergence_temperature
+        with_counterfactual, keep_cf_hidden = args.needs_counterfactual, args.vgs
+        # The counterfactual view's states feed the sampled tokens' log-probs (the paper's VA) and the two views'
+        # divergence (VGS's VDS, the view-KL VA), each only where used; computed call by call, so the states need not
+        # be kept
+        view_kl_va = args.visual_advantage == "teacher_view_kl"
+        with_cf_logp = with_counterfactual and not view_kl_va
+        with_view_kl = with_counterfactual and (args.vgs or view_kl_va)
         batch = split_pixel_values_by_grid(batch)
         n = batch["completion_ids"].size(0)
         # Full passes cost the same however the rows are cut: then only the call size matters
         shares = self._prefix_sharing_reason(self._teacher_module, "teacher") is None
         sizes = prefix_groups(batch).sizes if shares else [1] * n
-        logp, hidden, cf_logp, cf_hidden = [], [], [], []
+        logp, hidden, cf_logp, cf_hidden, view_kl = [], [], [], [], []
         for call in call_slices(sizes, max_rows):
             original = _take_rows(batch, call)
             tokens, mask = original["completion_ids"], original["completion_mask"]
@@ -653,15 +664,19 @@ class VAOPDTrainer(DistillationTrainer):
                 hidden_c = self._teacher_hidden(self._counterfactual_rows(original))
             logp.append(token_logprobs(hidden_o, head, tokens, mask, temperature))
             hidden.append(hidden_o)
-            if with_counterfactual:
+            if with_cf_logp:
                 cf_logp.append(token_logprobs(hidden_c, head, tokens, mask, temperature))
-                if keep_cf_hidden:
-                    cf_hidden.append(hidden_c)
+            if with_view_kl:
+                # The teacher against itself on TRL's chunked divergence kernel: the reverse KL KL(q || qbar)
+                view_kl.append(per_token_divergence(hidden_o, hidden_c, head, head, mask, 1.0, temperature)[0])
+            if keep_cf_hidden:
+                cf_hidden.append(hidden_c)
         return TeacherScores(
             logp=torch.cat(logp),
             hidden=torch.cat(hidden),
             cf_logp=torch.cat(cf_logp) if cf_logp else None,
             cf_hidden=torch.cat(cf_hidden) if cf_hidden else None,
+            view_kl=torch.cat(view_kl) if view_kl else None,
         )
 
     def _sibling_groups(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
@@ -719,7 +734,11 @@ class VAOPDTrainer(DistillationTrainer):
             for key in (_CF_PIXELS, _CF_PROMPT_IDS, _CF_PROMPT_MASK):
                 batch.pop(key, None)
         mask = batch["completion_mask"]
-        va = visual_advantage(scores.logp, scores.cf_logp, mask) if scores.cf_logp is not None else None
+        va = None
+        if args.visual_advantage == "teacher_view_kl":
+            va = view_kl_advantage(scores.view_kl, mask)
+        elif scores.cf_logp is not None:
+            va = visual_advantage(scores.logp, scores.cf_logp, mask)
 
         # Rollout weights need every sibling: gather the per-rollout mean VA of the whole generation batch
         groups = self._sibling_groups(batch["prompt_ids"], batch["prompt_mask"])
@@ -811,12 +830,8 @@ class VAOPDTrainer(DistillationTrainer):
     def _vgs_token_settings(self, mode: str, scores: TeacherScores, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """VGS's per-token language-prior mask and gamma, from quantiles of VDS over the whole generation batch."""
         args = self.args
-        head = self._teacher_head
-        # VDS = KL(q || qbar): the teacher's own divergence between its two views, no gradient
-        with torch.no_grad():
-            vds, _ = per_token_divergence(
-                scores.hidden, scores.cf_hidden, head, head, mask, 1.0, args.divergence_temperature
-            )
+        # VDS = KL(q || qbar): the teacher's own divergence between its two views, scored with the views
+        vds = scores.view_kl
         all_vds, all_mask = self._gather_rows(vds), self._gather_rows(mask)
         lp = self._local_rows(lp_mask(all_vds, all_mask, args.vgs_lp_quantile), mask)
         if args.vgs_adaptive_gamma:

@@ -5,6 +5,11 @@ knows nothing of trainers, models or processes: callers hand in per-token teache
 sibling-group ids, and get back visual advantages, rollout weights and per-token loss coefficients. Shapes: `N`
 responses (rollouts), `T` completion positions; masks are `1` on valid tokens (generated tokens up to and including
 the first EOS).
+
+The visual advantage has two definitions (`VISUAL_ADVANTAGES`): the paper's, from the teacher's log-probabilities of
+the sampled token (`visual_advantage`), and the package's own variant, the teacher's divergence between its two views'
+next-token distributions (`view_kl_advantage`), which does not depend on the sampled token. Every function after them
+takes either.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import torch
 
 __all__ = [
     "VA_TOKEN_MASKS",
+    "VISUAL_ADVANTAGES",
     "group_index",
     "high_va_mask",
     "mask_coefficients",
@@ -26,11 +32,17 @@ __all__ = [
     "va_mass_share",
     "va_token_mask",
     "vaopd_loss",
+    "view_kl_advantage",
     "visual_advantage",
 ]
 
 #: Which tokens the masking analysis (`docs/methods/va_opd.md`, "The masking analysis") takes out of the KL.
 VA_TOKEN_MASKS = ("top", "low", "random")
+
+#: How a token's visual advantage is defined: the paper's gap of the teacher's log-probabilities of the sampled token
+#: between its two views (`visual_advantage`), or the package's own variant, the teacher's KL between its two views'
+#: next-token distributions (`view_kl_advantage`).
+VISUAL_ADVANTAGES = ("sampled_token", "teacher_view_kl")
 
 
 def visual_advantage(
@@ -54,6 +66,33 @@ def visual_advantage(
     gap = (logp_original.detach() - logp_counterfactual.detach()).clamp(min=0)
     # `where`, not a product: an invalid position may hold -inf log-probs, and inf * 0 is NaN
     return torch.where(mask.bool(), gap, torch.zeros_like(gap))
+
+
+def view_kl_advantage(view_kl: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The package's variant of the visual advantage (not in the papers): `a_t = KL(q_t || qbar_t)`.
+
+    `q_t` and `qbar_t` are the teacher's next-token distributions at position `t` with the original image and under the
+    counterfactual view, over the full vocabulary. Unlike `visual_advantage`, it does not depend on which token the
+    student sampled at `t`: a position where the image decides the answer scores high whether the student read the
+    image right or wrong. It is VGS's visual dependency score (`trl_vaopd.objective.vgs.VGSTerms.vds`); the caller
+    computes it (the trainer on token chunks, `trl_vaopd.chunked.per_token_divergence` with the teacher's head on both
+    sides), and this function makes it a visual advantage.
+
+    Args:
+        view_kl: `(N, T)` per-token `KL(q || qbar)`.
+        mask: `(N, T)` valid-token mask.
+
+    Returns:
+        `(N, T)` detached visual advantages, `0` on invalid positions. Negative values, which only float rounding of a
+        KL near zero produces, are clipped to `0`, as the paper's advantage is.
+    """
+    if view_kl.shape != mask.shape:
+        raise ValueError(
+            f"view_kl_advantage needs equal shapes, got {tuple(view_kl.shape)} and mask {tuple(mask.shape)}."
+        )
+    values = view_kl.detach().clamp(min=0)
+    # `where`, not a product: an invalid position may hold a non-finite value
+    return torch.where(mask.bool(), values, torch.zeros_like(values))
 
 
 def group_index(group_ids: torch.Tensor | Sequence[Hashable]) -> torch.Tensor:
