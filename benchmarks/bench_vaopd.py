@@ -103,6 +103,8 @@ SETTINGS = {
     "vgs": {"method": "vgs", "counterfactual_view": "drop"},
     "vaopd_vgs": {"method": ["va_opd", "vgs"]},
     "vaopd_unshared": {"method": "va_opd", "prefix_sharing": False},
+    # Teacher calls of up to 48 rows: both views of any sweep's generation batch (at most 24 rollouts) in one call
+    "vaopd_large_calls": {"method": "va_opd", "teacher_batch_size": 48},
     "vicur": {"method": "vicur"},
     "vgs_grpo": {"method": "vgs", "counterfactual_view": "drop", "distillation_weight": 0.3},
 }
@@ -116,6 +118,8 @@ SHARING_TRAINERS = ("trl_opd", "vaopd", "vaopd_unshared")
 # batches of K, 3K/2 and 2K for K = 2, 4, 8 (each K's 2K x K is the reference at that K)
 BATCH_LAYOUTS = ((8, 4), (4, 4), (6, 4), (2, 2), (3, 2), (4, 2), (8, 8), (12, 8), (16, 8))
 BATCH_LAYOUT_SHAPES = ("base", "long_prompt")
+# The layouts' trainers: TRL's OPD, VA-OPD with a micro-batch per teacher call (the default), and with large calls
+BATCH_LAYOUT_TRAINERS = ("trl_opd", "vaopd", "vaopd_large_calls")
 # Phases whose work differs between the trainers by design. `loss_glue` holds TRL OPD's teacher-call plumbing (the
 # teacher runs inside its loss); `teacher_scoring` holds VA-OPD's (the teacher runs while scoring).
 DESIGN_PHASES = (
@@ -590,7 +594,7 @@ def build_plan(opts) -> list[list[RunSpec]]:
                     replace(base, trainer=t, tag=f"batch_{shape}_{per_device}x{k}", image_size=image_size,
                             length=length, k=k, per_device=per_device, rollouts=math.ceil(16 / step) * step,
                             extra=extra, warmup=1, steps=4)
-                    for t in PAIR
+                    for t in BATCH_LAYOUT_TRAINERS
                 ]  # fmt: skip
                 plan += [group, group]
     if "sharing" in sweeps:
@@ -757,11 +761,26 @@ def analyse(results: list[dict], device: str) -> dict:
                 ],
             }
         )  # fmt: skip
+        large = by.get((r["tag"], "vaopd_large_calls"))
+        if large is not None:
+            layouts[-1]["large_calls"] = {
+                "teacher_max_rows_per_call": large["teacher_max_rows"],
+                "teacher_calls_per_step": _median(large["teacher_calls_per_step"]),
+                "teacher_positions_per_rollout": large["teacher_positions_per_rollout"],
+                "step_ratio": large["median_step_time_s"] / o["median_step_time_s"],
+                # Peak memory of the timed runs (the process's own), over VA-OPD's with the default calls
+                "peak_memory_over_default": _median(large["memory_peak_bytes_timed_runs"])
+                / _median(r["memory_peak_bytes_timed_runs"]),
+            }
     layout_ratios = {(x["shape"], x["per_device_train_batch_size"], x["k"]): x["step_ratio"] for x in layouts}
     for x in layouts:
         for name, (per_device, k) in (("8x4", (8, 4)), ("2k_x_k", (2 * x["k"], x["k"]))):
             reference = layout_ratios.get((x["shape"], per_device, k))
             x[f"step_ratio_over_{name}"] = x["step_ratio"] / reference if reference else None
+        if "large_calls" in x and layout_ratios.get((x["shape"], 8, 4)):
+            x["large_calls"]["step_ratio_over_8x4"] = (
+                x["large_calls"]["step_ratio"] / layout_ratios[(x["shape"], 8, 4)]
+            )
 
     def sharing_target(shape: str, bound: float, key: str = "step_ratio"):
         values = [x[key] for x in sharing if x["shape"] == shape]
@@ -793,6 +812,12 @@ def analyse(results: list[dict], device: str) -> dict:
             x["step_ratio_over_8x4"] is not None and x["step_ratio_over_8x4"] <= 1.03 for x in layouts
         )
         if layouts
+        else None,
+        # The same with large teacher calls, against the default 8 x 4
+        "batch_layouts_large_calls_step_ratio_le_8x4": all(
+            x["large_calls"]["step_ratio_over_8x4"] <= 1.03 for x in layouts if "large_calls" in x
+        )
+        if any("large_calls" in x for x in layouts)
         else None,
         "batch_layouts_step_ratio_le_2k_x_k": all(
             x["step_ratio_over_2k_x_k"] is not None and x["step_ratio_over_2k_x_k"] <= 1.03 for x in layouts
@@ -1016,6 +1041,23 @@ def markdown(report: dict) -> str:
                 f"{x['step_ratio']:.3f} ({', '.join(f'{v:.3f}' for v in x['repetition_step_ratios'])}) | "
                 f"{'-' if over is None else f'{over:.3f}'} | {'-' if over_k is None else f'{over_k:.3f}'} |"
             )
+        large = [x for x in a["batch_layouts"] if "large_calls" in x]
+        if large:
+            lines += [
+                "",
+                "Large teacher calls (`teacher_batch_size=48`: both views of the generation batch per call):",
+                "",
+                "| shape | per-device batch x K | teacher positions / rollout | most rows in a teacher call | teacher backbone calls / step | step ratio / TRL OPD | over the default 8 x 4 | peak RSS over default calls |",
+                "|---|---|---|---|---|---|---|---|",
+            ]
+            for x in large:
+                g = x["large_calls"]
+                lines.append(
+                    f"| {x['shape']} | {x['per_device_train_batch_size']} x {x['k']} | "
+                    f"{g['teacher_positions_per_rollout']:.1f} | {g['teacher_max_rows_per_call']} | "
+                    f"{g['teacher_calls_per_step']:g} | {g['step_ratio']:.3f} | "
+                    f"{g.get('step_ratio_over_8x4', float('nan')):.3f} | {g['peak_memory_over_default']:.3f} |"
+                )
     e = a["extra_time_s"]
     lines += [
         "",

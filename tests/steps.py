@@ -13,18 +13,19 @@ from trl_vaopd.tiny_models import build_model
 class Passes:
     """What a model's backbone computed inside the trainer's scoring and loss passes (generation excluded), counted by
     a forward pre-hook: the rollouts whose completion tokens a call ran (a full pass, or the continuation of a shared
-    prompt), the prompts a shared-prompt call ran, the non-padding token positions of every call, and the most
-    rollouts one call held."""
+    prompt), the prompts a shared-prompt call ran, the non-padding token positions of every call, the most
+    rollouts one call held, and the calls."""
 
     def __init__(self, model):
         self.active = False
-        self.rollouts = self.prompts = self.positions = self.max_rows = 0
+        self.rollouts = self.prompts = self.positions = self.max_rows = self.calls = 0
         model.base_model.register_forward_pre_hook(self._count, with_kwargs=True)
 
     def _count(self, module, args, kwargs):
         if not self.active:
             return
         ids = kwargs["input_ids"]
+        self.calls += 1
         self.positions += int(kwargs["attention_mask"][:, -ids.size(1) :].sum())
         if kwargs.get("use_cache") and kwargs.get(cache_keyword(module)) is None:
             self.prompts += ids.size(0)  # a shared prompt, whose completions run next on its cache

@@ -20,6 +20,7 @@ from trl_vaopd.tiny_models import build_model, build_processor, build_tokenizer
         ("va_weight_temperature", 0.0, "va_weight_temperature must be > 0"),
         ("va_eps", 0.0, "va_eps must be > 0"),
         ("num_generations", 0, "num_generations must be >= 1"),
+        ("teacher_batch_size", 0, r"teacher_batch_size must be >= 1 \(None: a micro-batch\), got 0"),
         ("counterfactual_view", "pixellate", "counterfactual_view must be one of pixelate, blur, blank, drop"),
         ("beta", 2.0, "beta must be in"),
         ("vgs_gamma", -0.5, "vgs_gamma must be >= 0"),

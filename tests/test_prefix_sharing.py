@@ -257,6 +257,24 @@ def test_every_layout_runs_each_groups_prompt_once_per_view_and_pass(
     assert len(pieces) == n // k + (0 if per_device % k == 0 else accumulation - 1)
 
 
+@pytest.mark.parametrize("method", [["va_opd"], ["va_opd", "vgs"]])
+def test_a_larger_teacher_batch_makes_fewer_calls_over_the_same_positions(processors, tmp_path, method):
+    """`teacher_batch_size` trades calls for rows per call: at 2 x 2 (K = 2, 4 rollouts per step) the default scores a
+    micro-batch (one group) per call, each view apart, 2 views x 2 groups x (prompt + completions) = 8 calls; 8 rows
+    hold both views of the whole generation batch in 2 calls. The same positions run, and the step is the same."""
+    layout = dict(method=method, num_generations=2, per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    steps = {
+        size: run_one_step(processors, tmp_path / str(size), teacher_batch_size=size, **layout) for size in (None, 8)
+    }
+    (default, default_delta, default_teacher, _), (larger, larger_delta, larger_teacher, _) = steps[None], steps[8]
+    assert (default_teacher.calls, default_teacher.max_rows) == (8, 2)
+    assert (larger_teacher.calls, larger_teacher.max_rows) == (2, 8)
+    assert larger_teacher.positions == default_teacher.positions and larger_teacher.prompts == default_teacher.prompts
+    assert larger.state.log_history[0]["loss"] == pytest.approx(default.state.log_history[0]["loss"], rel=RTOL)
+    for name, delta in default_delta.items():
+        torch.testing.assert_close(larger_delta[name], delta, atol=ATOL, rtol=1e-3, msg=name)
+
+
 def test_both_views_in_one_call_are_different_prompts(processors, tmp_path):
     """A call holding both views of its rollouts (twice its rows fit) runs each view's prompt of each group once: the
     counterfactual copy of a group differs in pixels, so it is a prefix group of its own, and the scores are those of

@@ -130,6 +130,13 @@ class VAOPDConfig(DistillationConfig):
             of each group runs with a KV cache that the completions continue. Exact (up to float rounding) for
             the families `trl_vaopd.families.FAMILIES` marks (`prefix_sharing`); other families, and a student with
             gradient checkpointing, run full passes (logged once). Off: every rollout runs prompt and completion in full, as TRL's trainer.
+        teacher_batch_size (`int` or `None`, *optional*, defaults to `None`):
+            The most rollouts one teacher call scores at once. `None`: a micro-batch (`per_device_train_batch_size`;
+            in evaluation `per_device_eval_batch_size`), so the teacher never holds more rows than in TRL's trainer.
+            Larger (up to the local generation batch, or twice it for a view that keeps the image layout, whose two
+            views then share each call): fewer, larger teacher calls, for the teacher's activations and KV cache of
+            as many rows at once. Calls are cut along sibling groups either way, so the positions run are the same;
+            only the number of calls changes (`benchmarks/README.md`, "Layouts", measures both sides).
         gradient_checkpointing (`bool`, *optional*, defaults to `True`):
             TRL's setting: recompute the student's activations in the backward instead of keeping them. transformers
             runs a checkpointed model without a KV cache, so the student then runs full passes, without prefix
@@ -301,6 +308,13 @@ class VAOPDConfig(DistillationConfig):
         default=True,
         metadata={"help": "Run each sibling group's shared prompt once per model pass, where that is exact."},
     )
+    teacher_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Most rollouts one teacher call scores at once; default: a micro-batch, as TRL's teacher. Larger: "
+            "fewer, larger calls for more teacher memory."
+        },
+    )
     gradient_checkpointing: bool = field(
         default=True,
         metadata={
@@ -376,6 +390,11 @@ class VAOPDConfig(DistillationConfig):
             (0.0 <= self.va_high_weight <= 1.0, "va_high_weight", "must be in [0, 1]"),
             (self.va_weight_temperature > 0, "va_weight_temperature", "must be > 0"),
             (self.va_eps > 0, "va_eps", "must be > 0"),
+            (
+                self.teacher_batch_size is None or self.teacher_batch_size >= 1,
+                "teacher_batch_size",
+                "must be >= 1 (None: a micro-batch)",
+            ),
             (self.vgs_gamma >= 0, "vgs_gamma", "must be >= 0"),
             (self.vgs_lambda >= 0, "vgs_lambda", "must be >= 0"),
             (self.vgs_eta > 0, "vgs_eta", "must be > 0"),

@@ -725,10 +725,10 @@ class VAOPDTrainer(DistillationTrainer):
         batch = super()._generate_and_score_completions(inputs)
         if args.needs_counterfactual:
             batch.update(self._counterfactual_inputs([x["prompt"] for x in inputs], inputs, batch))
-        # A teacher call holds at most a micro-batch of rows, as the base trainer's teacher call in its loss
+        # By default a teacher call holds at most a micro-batch of rows, as the base trainer's teacher call in its loss
         micro_batch = args.per_device_train_batch_size if mode == "train" else args.per_device_eval_batch_size
         teacher_batch = self._teacher_batch(inputs, batch) if args.use_cues else batch
-        scores = self._score_views(teacher_batch, micro_batch)
+        scores = self._score_views(teacher_batch, args.teacher_batch_size or micro_batch)
         if not args.vgs:
             # Only VGS's student runs the counterfactual view: its inputs need not stay for the loss
             for key in (_CF_PIXELS, _CF_PROMPT_IDS, _CF_PROMPT_MASK):
