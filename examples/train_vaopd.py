@@ -72,6 +72,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
 from trl_vaopd import VAOPDConfig, VAOPDTrainer
+from trl_vaopd.process_exit import end_run
 from trl_vaopd.rewards import REWARD_FUNCS
 from trl_vaopd.tiny_models import TINY_FAMILIES, save_tiny_vlm
 
@@ -406,8 +407,5 @@ if __name__ == "__main__":
 
         run_demo()
     else:
-        # Every rank waits for the others to finish saving, then destroys the process group before exit: a rank that
-        # tears down while another still works, or leaves the group to interpreter shutdown, aborts now and then (gloo)
-        accelerator = main(*parse_args(sys.argv[1:])).accelerator
-        accelerator.wait_for_everyone()
-        accelerator.end_training()
+        # Every rank waits for the others, then leaves without the interpreter's teardown, where gloo aborts now and then
+        end_run(main(*parse_args(sys.argv[1:])).accelerator)

@@ -33,6 +33,7 @@ from conftest import image_question_dataset, pad_output_head  # noqa: E402
 from steps import Passes, count_passes, token_reward  # noqa: E402
 
 from trl_vaopd import VAOPDConfig, VAOPDTrainer  # noqa: E402
+from trl_vaopd.process_exit import end_run  # noqa: E402
 from trl_vaopd.tiny_models import build_model, build_processor, build_tokenizer  # noqa: E402
 
 
@@ -238,8 +239,7 @@ def main() -> None:
             },
             cli.out,
         )
-    trainer.accelerator.wait_for_everyone()
-    trainer.accelerator.end_training()
+    end_run(trainer.accelerator)
 
 
 if __name__ == "__main__":
