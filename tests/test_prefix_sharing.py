@@ -138,8 +138,8 @@ def test_token_positions_processed(processors):
 def test_families_and_settings_without_exact_sharing_say_why(processors):
     model = build_model("qwen3_vl", processors["qwen3_vl"])
     assert "gradient checkpointing" in prefix_sharing_support(model, gradient_checkpointing=True)
-    model.config.model_type = "smolvlm"
-    assert "smolvlm is not among the families" in prefix_sharing_support(model)
+    model.config.model_type = "outside_the_table"
+    assert "outside_the_table is not among the families" in prefix_sharing_support(model)
 
 
 # ------------------------------------------------------------------------------------------------- in the trainer

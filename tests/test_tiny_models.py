@@ -52,6 +52,7 @@ GRID_KEYS = {
     "idefics3": {"pixel_attention_mask"},
     "internvl": set(),
     "glm4v": {"image_grid_thw", "mm_token_type_ids"},
+    "smolvlm": {"pixel_attention_mask"},
 }
 QWEN_FAMILIES = ("qwen3_vl", "qwen2_5_vl", "qwen2_vl", "qwen3_vl_moe")
 IMAGE_TOKEN = {
@@ -63,6 +64,7 @@ IMAGE_TOKEN = {
     "idefics3": "<image>",
     "internvl": "<|image_pad|>",
     "glm4v": "<|image_pad|>",
+    "smolvlm": "<image>",
 }
 VISION_PREFIX = {
     **dict.fromkeys(QWEN_FAMILIES, "model.visual."),
@@ -73,6 +75,7 @@ VISION_PREFIX = {
     "idefics3": "model.vision_model.",
     "internvl": "model.vision_tower.",
     "glm4v": "model.visual.",
+    "smolvlm": "model.vision_model.",
 }
 CHAT_TEMPLATE = {
     **dict.fromkeys(QWEN_FAMILIES, QWEN_CHAT_TEMPLATE),
@@ -83,9 +86,14 @@ CHAT_TEMPLATE = {
     "idefics3": LLAVA_CHAT_TEMPLATE,
     "internvl": INTERNVL_CHAT_TEMPLATE,
     "glm4v": QWEN_CHAT_TEMPLATE,
+    "smolvlm": LLAVA_CHAT_TEMPLATE,
 }
-# Idefics3's processor adds its image markers to (its copy of) the tokenizer, after the shared ids
-ADDED_TOKENS = {"idefics3": ["<fake_token_around_image>", "<end_of_utterance>"]}
+# Idefics3's processor adds its image markers to (its copy of) the tokenizer, after the shared ids; SmolVLM's builder
+# adds them to its processor's copy
+ADDED_TOKENS = {
+    "idefics3": ["<fake_token_around_image>", "<end_of_utterance>"],
+    "smolvlm": ["<fake_token_around_image>", "<global-img>"],
+}
 
 
 def _image(seed: int = 0) -> Image.Image:
@@ -151,6 +159,7 @@ def test_families():
         "idefics3",
         "internvl",
         "glm4v",
+        "smolvlm",
     )
 
 
@@ -215,6 +224,7 @@ def test_processor(family, processors, tokenizer):
         "idefics3": "Idefics3Processor",
         "internvl": "InternVLProcessor",
         "glm4v": "Glm4vProcessor",
+        "smolvlm": "SmolVLMProcessor",
     }
     assert type(processor).__name__ == expected[family]
     assert processor.chat_template == CHAT_TEMPLATE[family]
@@ -239,6 +249,7 @@ def test_processor(family, processors, tokenizer):
         # LLaVA-NeXT: (images, base view + tiles of the chosen pinpoint, 3, height, width)
         shape = {
             "idefics3": (1, 1, 3, 32, 32),
+            "smolvlm": (1, 1, 3, 32, 32),
             "llava_next": (1, 2, 3, 32, 32),
             "llava_onevision": (1, 2, 3, 32, 32),
         }.get(family, (1, 3, 32, 32))
@@ -274,6 +285,7 @@ def test_model_config(family, pairs, tokenizer):
         "idefics3": "Idefics3ForConditionalGeneration",
         "internvl": "InternVLForConditionalGeneration",
         "glm4v": "Glm4vForConditionalGeneration",
+        "smolvlm": "SmolVLMForConditionalGeneration",
     }
     vocab = tokenizer.get_vocab()
     for model in (student, teacher):

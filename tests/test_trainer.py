@@ -3,7 +3,7 @@ LoRA, resume."""
 
 import pytest
 import torch
-from conftest import image_question_dataset, make_args, pad_output_head
+from conftest import image_question_dataset, make_args, pad_output_head, with_image_parts
 from steps import cat, check_step_against_reference, run_one_step
 
 from trl_vaopd import VAOPDTrainer
@@ -136,16 +136,6 @@ def test_logs_va_metrics(processors, tmp_path):
     assert 0.1 <= logs["va/top10_share"] <= 1.0
     assert 0.2 <= logs["va/high_group_share"] <= 1.0
     assert 0 < logs["weights/min"] <= 0.25 <= logs["weights/max"] < 1
-
-
-def with_image_parts(dataset):
-    """TRL's multimodal prompt format: the image's place in the prompt is an `{"type": "image"}` part."""
-
-    def convert(row):
-        text = row["prompt"][0]["content"]
-        return {"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]}
-
-    return dataset.map(convert)
 
 
 @pytest.mark.parametrize("method,view", [("vgs", "drop"), (["va_opd", "vicur"], "drop"), ("va_opd", "pixelate")])

@@ -9,7 +9,7 @@ Hugging Face Hub. This module builds everything from scratch in well under a sec
 * :func:`build_processor` wraps it in the family's real processor (``Qwen3VLProcessor``, ``Qwen2_5_VLProcessor``,
   ``Qwen2VLProcessor``, ``LlavaProcessor``, ``LlavaNextProcessor``, ``LlavaOnevisionProcessor``,
   ``Gemma3Processor``,
-  ``Idefics3Processor``, ``InternVLProcessor``, ``Glm4vProcessor``) with image/video processors sized so a 32x32 image yields only a handful of visual tokens.
+  ``Idefics3Processor``, ``InternVLProcessor``, ``Glm4vProcessor``, ``SmolVLMProcessor``) with image/video processors sized so a 32x32 image yields only a handful of visual tokens.
 * :func:`build_model` instantiates the family's real ``...ForConditionalGeneration`` class with a couple of layers,
   tiny hidden sizes and a vocabulary equal to ``len(tokenizer)``; the ``"teacher"`` size is wider than the
   ``"student"`` size but shares the vocabulary, as distillation requires.
@@ -84,6 +84,11 @@ from transformers import (
     Qwen3VLProcessor,
     Qwen3VLVideoProcessor,
     SiglipVisionConfig,
+    SmolVLMConfig,
+    SmolVLMForConditionalGeneration,
+    SmolVLMImageProcessor,
+    SmolVLMProcessor,
+    SmolVLMVideoProcessor,
 )
 
 from .families import FAMILIES
@@ -121,6 +126,9 @@ VISION_END = "<|vision_end|>"
 IMAGE_PAD = "<|image_pad|>"
 VIDEO_PAD = "<|video_pad|>"
 LLAVA_IMAGE = "<image>"
+# SmolVLM's image markers, added to its processor's tokenizer (a copy) only
+SMOLVLM_FAKE_IMAGE = "<fake_token_around_image>"
+SMOLVLM_GLOBAL_IMAGE = "<global-img>"
 SPECIAL_TOKENS: tuple[str, ...] = (
     ENDOFTEXT,
     IM_START,
@@ -193,6 +201,7 @@ _CHAT_TEMPLATES: dict[str, str] = {
     "idefics3": LLAVA_CHAT_TEMPLATE,
     "internvl": INTERNVL_CHAT_TEMPLATE,
     "glm4v": QWEN_CHAT_TEMPLATE,  # GLM-4V's markers `<|begin_of_image|>`, `<|image|>`, `<|end_of_image|>` are Qwen's here
+    "smolvlm": LLAVA_CHAT_TEMPLATE,
 }
 # Gemma 3's processor reads its markers from named special tokens of the tokenizer; the tiny vocabulary's Qwen vision
 # markers play them (named on a copy only: see `build_tokenizer` on why the shared tokenizer names no image token)
@@ -222,9 +231,10 @@ _PATCH_SIZE: dict[str, int] = {
     "idefics3": 8,
     "internvl": 8,
     "glm4v": 14,
+    "smolvlm": 8,
 }
-# Gemma 3 average-pools 2x2 patches into one token, Idefics3 and InternVL shuffle them into one (`scale_factor`,
-# `downsample_ratio` 0.5)
+# Gemma 3 average-pools 2x2 patches into one token, Idefics3 (and SmolVLM, its architecture) and InternVL shuffle them
+# into one (`scale_factor`, `downsample_ratio` 0.5)
 _GEMMA3_POOL = _IDEFICS3_SCALE = _INTERNVL_SCALE = 2
 _MERGE_SIZE = 2
 _TEMPORAL_PATCH_SIZE = 2
@@ -364,10 +374,10 @@ def build_processor(
         The tokenizer's ``padding_side`` is set to ``"left"``, as TRL's generation requires.
 
     Returns:
-        A ``Qwen3VLProcessor`` (Qwen3-VL and Qwen3-VL-MoE), ``Qwen2_5_VLProcessor``, ``Qwen2VLProcessor`` or
-        ``LlavaProcessor`` whose ``chat_template`` renders image
-        parts with the family's placeholder, so ``processor.apply_chat_template(..., tokenize=True,
-        return_dict=True)`` works with PIL images in the messages.
+        The family's processor (``Qwen3VLProcessor`` for Qwen3-VL and Qwen3-VL-MoE, ``LlavaProcessor``, ...) whose
+        ``chat_template`` renders image parts with the family's placeholder, so ``processor.apply_chat_template(...,
+        tokenize=True, return_dict=True)`` works with PIL images in the messages. SmolVLM's processor needs the
+        ``num2words`` package (in the ``dev`` extra).
     """
     _check_family(family)
     if tokenizer is None:
@@ -453,20 +463,28 @@ def build_processor(
             image_seq_length=(image_size // side) ** 2,
         )
 
-    if family == "idefics3":
+    if family in ("idefics3", "smolvlm"):
         side = _PATCH_SIZE[family] * _IDEFICS3_SCALE
         if image_size % side:
-            raise ValueError(f"idefics3 needs an image_size that is a multiple of {side}, got {image_size}")
-        # One global image of `image_size` pixels per side (no split into tiles). The processor adds its markers
-        # `<fake_token_around_image>` and `<end_of_utterance>` to the tokenizer (a copy: ids above the shared ones)
-        image_processor = Idefics3ImageProcessor(
-            do_image_splitting=False,
-            size={"longest_edge": image_size},
-            max_image_size={"longest_edge": image_size},
-        )
-        return Idefics3Processor(
-            image_processor=image_processor,
-            tokenizer=copy.deepcopy(tokenizer),
+            raise ValueError(f"{family} needs an image_size that is a multiple of {side}, got {image_size}")
+        # One global image of `image_size` pixels per side (no split into tiles)
+        size = {"longest_edge": image_size}
+        tiles = {"do_image_splitting": False, "size": size, "max_image_size": size}
+        tokenizer = copy.deepcopy(tokenizer)  # its markers extend a copy: ids above the shared ones
+        if family == "idefics3":
+            # The processor adds its markers `<fake_token_around_image>` and `<end_of_utterance>` to the tokenizer
+            return Idefics3Processor(
+                image_processor=Idefics3ImageProcessor(**tiles),
+                tokenizer=tokenizer,
+                chat_template=chat_template,
+                image_seq_len=(image_size // side) ** 2,
+            )
+        # SmolVLM's processor reads its markers from the tokenizer without adding them
+        tokenizer.add_tokens([SMOLVLM_FAKE_IMAGE, SMOLVLM_GLOBAL_IMAGE], special_tokens=True)
+        return SmolVLMProcessor(
+            image_processor=SmolVLMImageProcessor(**tiles),
+            tokenizer=tokenizer,
+            video_processor=SmolVLMVideoProcessor(**tiles),
             chat_template=chat_template,
             image_seq_len=(image_size // side) ** 2,
         )
@@ -699,7 +717,7 @@ def _build_config(family: str, tokenizer: PreTrainedTokenizerBase, size: str, im
             image_token_index=_token_id(tokenizer, IMAGE_PAD),
             tie_word_embeddings=False,
         )
-    elif family == "idefics3":
+    elif family in ("idefics3", "smolvlm"):
         text_config = LlamaConfig(
             **text_common,
             head_dim=_HEAD_DIM,
@@ -715,7 +733,7 @@ def _build_config(family: str, tokenizer: PreTrainedTokenizerBase, size: str, im
             "image_size": image_size,
             "patch_size": _PATCH_SIZE[family],
         }
-        config = Idefics3Config(
+        config = (Idefics3Config if family == "idefics3" else SmolVLMConfig)(
             text_config=text_config,
             vision_config=vision_config,
             scale_factor=_IDEFICS3_SCALE,
@@ -860,7 +878,7 @@ def build_model(
     if size not in MODEL_SIZES:
         raise ValueError(f"Unknown size {size!r}; expected one of {MODEL_SIZES}")
     tokenizer, processor = _split(processor_or_tokenizer)
-    if family == "idefics3" and processor is None:
+    if family in ("idefics3", "smolvlm") and processor is None:
         # The vocabulary is that of the processor's tokenizer, which has the family's image markers added
         tokenizer, processor = _split(build_processor(family, tokenizer))
     image_size = 32
@@ -868,7 +886,7 @@ def build_model(
         image_size = int(processor.image_processor.crop_size["height"])
     if family in ("gemma3", "llava_onevision") and processor is not None:
         image_size = int(processor.image_processor.size["height"])
-    if family == "idefics3":
+    if family in ("idefics3", "smolvlm"):
         image_size = int(processor.image_processor.max_image_size["longest_edge"])
     if family == "internvl" and processor is not None:
         image_size = int(processor.image_processor.size["height"])
@@ -885,6 +903,7 @@ def build_model(
         "idefics3": Idefics3ForConditionalGeneration,
         "internvl": InternVLForConditionalGeneration,
         "glm4v": Glm4vForConditionalGeneration,
+        "smolvlm": SmolVLMForConditionalGeneration,
     }[family]
 
     # Fork the RNG so seeding here neither depends on nor disturbs the caller's random state.
