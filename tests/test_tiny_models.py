@@ -45,6 +45,7 @@ GRID_KEYS = {
     "qwen2_5_vl": {"image_grid_thw", "mm_token_type_ids"},
     "qwen2_vl": {"image_grid_thw", "mm_token_type_ids"},
     "qwen3_vl_moe": {"image_grid_thw", "mm_token_type_ids"},
+    "qwen3_5": {"image_grid_thw", "mm_token_type_ids"},
     "llava": set(),
     "llava_next": {"image_sizes"},
     "llava_onevision": {"image_sizes"},
@@ -54,7 +55,7 @@ GRID_KEYS = {
     "glm4v": {"image_grid_thw", "mm_token_type_ids"},
     "smolvlm": {"pixel_attention_mask"},
 }
-QWEN_FAMILIES = ("qwen3_vl", "qwen2_5_vl", "qwen2_vl", "qwen3_vl_moe")
+QWEN_FAMILIES = ("qwen3_vl", "qwen2_5_vl", "qwen2_vl", "qwen3_vl_moe", "qwen3_5")
 IMAGE_TOKEN = {
     **dict.fromkeys(QWEN_FAMILIES, "<|image_pad|>"),
     "llava": "<image>",
@@ -160,6 +161,7 @@ def test_families():
         "internvl",
         "glm4v",
         "smolvlm",
+        "qwen3_5",
     )
 
 
@@ -217,6 +219,7 @@ def test_processor(family, processors, tokenizer):
         "qwen2_5_vl": "Qwen2_5_VLProcessor",
         "qwen2_vl": "Qwen2VLProcessor",
         "qwen3_vl_moe": "Qwen3VLProcessor",
+        "qwen3_5": "Qwen3VLProcessor",
         "llava": "LlavaProcessor",
         "llava_next": "LlavaNextProcessor",
         "llava_onevision": "LlavaOnevisionProcessor",
@@ -278,6 +281,7 @@ def test_model_config(family, pairs, tokenizer):
         "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
         "qwen2_vl": "Qwen2VLForConditionalGeneration",
         "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
+        "qwen3_5": "Qwen3_5ForConditionalGeneration",
         "llava": "LlavaForConditionalGeneration",
         "llava_next": "LlavaNextForConditionalGeneration",
         "llava_onevision": "LlavaOnevisionForConditionalGeneration",
@@ -323,6 +327,10 @@ def test_model_config(family, pairs, tokenizer):
     if family == "qwen2_vl":
         vision = student.config.vision_config
         assert vision.patch_size == 14 and vision.spatial_merge_size == 2
+    if family == "qwen3_5":
+        text = student.config.get_text_config()
+        assert text.layer_types == ["linear_attention", "full_attention"]
+        assert sum(".linear_attn." in n for n, _ in student.named_parameters()) > 0
     if family == "qwen3_vl_moe":
         text = student.config.get_text_config()
         assert text.num_experts == 4 and text.num_experts_per_tok == 2

@@ -59,6 +59,7 @@ FAMILIES: dict[str, Family] = {
         Family("internvl", positions="1d", prefix_sharing=True, cue_recovery=True),
         Family("glm4v", **_QWEN),
         Family("smolvlm", positions="1d", prefix_sharing=True, cue_recovery=True, text_model="text_model"),
+        Family("qwen3_5", **_QWEN),
     )
 }
 

@@ -77,6 +77,8 @@ from transformers import (
     Qwen2VLImageProcessor,
     Qwen2VLProcessor,
     Qwen2VLVideoProcessor,
+    Qwen3_5Config,
+    Qwen3_5ForConditionalGeneration,
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
     Qwen3VLMoeConfig,
@@ -177,9 +179,9 @@ QWEN_CHAT_TEMPLATE: str = _chatml_template(
 LLAVA_CHAT_TEMPLATE: str = _chatml_template(LLAVA_IMAGE, LLAVA_IMAGE)
 
 # The Qwen families: one image/video processor, the same vision markers and chat template
-_QWEN_FAMILIES = ("qwen3_vl", "qwen2_5_vl", "qwen2_vl", "qwen3_vl_moe")
-# Qwen3-VL-MoE shares Qwen3-VL's processors (its vision tower is Qwen3-VL's)
-_QWEN3_FAMILIES = ("qwen3_vl", "qwen3_vl_moe")
+_QWEN_FAMILIES = ("qwen3_vl", "qwen2_5_vl", "qwen2_vl", "qwen3_vl_moe", "qwen3_5")
+# Qwen3-VL-MoE and Qwen3.5 share Qwen3-VL's processors (their vision towers are Qwen3-VL's, Qwen3.5's without DeepStack)
+_QWEN3_FAMILIES = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5")
 
 #: Chat template of the Gemma 3 family: images render as the begin-of-image marker (``<|vision_start|>`` here), which
 #: the processor expands to the marker, the image tokens and the end-of-image marker.
@@ -232,6 +234,7 @@ _PATCH_SIZE: dict[str, int] = {
     "internvl": 8,
     "glm4v": 14,
     "smolvlm": 8,
+    "qwen3_5": 16,
 }
 # Gemma 3 average-pools 2x2 patches into one token, Idefics3 (and SmolVLM, its architecture) and InternVL shuffle them
 # into one (`scale_factor`, `downsample_ratio` 0.5)
@@ -628,7 +631,29 @@ def _build_config(family: str, tokenizer: PreTrainedTokenizerBase, size: str, im
         "out_hidden_size": hidden,  # the merger projects straight into the text width
     }
 
-    if family in _QWEN3_FAMILIES:
+    if family == "qwen3_5":
+        text_config = dict(
+            text_common,
+            head_dim=_HEAD_DIM,
+            # A gated delta net (linear attention) layer, then a full attention layer (real: 3 to 1)
+            layer_types=["linear_attention", "full_attention"],
+            linear_key_head_dim=_HEAD_DIM,
+            linear_value_head_dim=_HEAD_DIM,
+            linear_num_key_heads=kv_heads,
+            linear_num_value_heads=heads,
+            # Interleaved multimodal RoPE on half of each head (real: a quarter), its 4 frequency slots split (t, h, w)
+            # as the real 11:11:10
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 10_000_000.0,
+                "mrope_section": [2, 1, 1],
+                "mrope_interleaved": True,
+                "partial_rotary_factor": 0.5,
+            },
+        )
+        vision_config = dict(vision_common, hidden_act="gelu_pytorch_tanh", num_position_embeddings=64)
+        config = Qwen3_5Config(text_config=text_config, vision_config=vision_config, **_qwen_token_ids(tokenizer))
+    elif family in _QWEN3_FAMILIES:
         text_config = dict(
             text_common,
             head_dim=_HEAD_DIM,
@@ -904,6 +929,7 @@ def build_model(
         "internvl": InternVLForConditionalGeneration,
         "glm4v": Glm4vForConditionalGeneration,
         "smolvlm": SmolVLMForConditionalGeneration,
+        "qwen3_5": Qwen3_5ForConditionalGeneration,
     }[family]
 
     # Fork the RNG so seeding here neither depends on nor disturbs the caller's random state.
