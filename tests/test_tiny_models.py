@@ -17,6 +17,7 @@ from PIL import Image
 
 from trl_vaopd.tiny_models import (
     GEMMA3_CHAT_TEMPLATE,
+    GEMMA4_CHAT_TEMPLATE,
     INTERNVL_CHAT_TEMPLATE,
     LLAVA_CHAT_TEMPLATE,
     LLAVA_ONEVISION_CHAT_TEMPLATE,
@@ -54,6 +55,7 @@ GRID_KEYS = {
     "internvl": set(),
     "glm4v": {"image_grid_thw", "mm_token_type_ids"},
     "smolvlm": {"pixel_attention_mask"},
+    "gemma4": {"image_position_ids", "mm_token_type_ids"},
 }
 QWEN_FAMILIES = ("qwen3_vl", "qwen2_5_vl", "qwen2_vl", "qwen3_vl_moe", "qwen3_5")
 IMAGE_TOKEN = {
@@ -66,6 +68,7 @@ IMAGE_TOKEN = {
     "internvl": "<|image_pad|>",
     "glm4v": "<|image_pad|>",
     "smolvlm": "<image>",
+    "gemma4": "<|image_pad|>",
 }
 VISION_PREFIX = {
     **dict.fromkeys(QWEN_FAMILIES, "model.visual."),
@@ -77,6 +80,7 @@ VISION_PREFIX = {
     "internvl": "model.vision_tower.",
     "glm4v": "model.visual.",
     "smolvlm": "model.vision_model.",
+    "gemma4": "model.vision_tower.",
 }
 CHAT_TEMPLATE = {
     **dict.fromkeys(QWEN_FAMILIES, QWEN_CHAT_TEMPLATE),
@@ -88,12 +92,15 @@ CHAT_TEMPLATE = {
     "internvl": INTERNVL_CHAT_TEMPLATE,
     "glm4v": QWEN_CHAT_TEMPLATE,
     "smolvlm": LLAVA_CHAT_TEMPLATE,
+    "gemma4": GEMMA4_CHAT_TEMPLATE,
 }
 # Idefics3's processor adds its image markers to (its copy of) the tokenizer, after the shared ids; SmolVLM's builder
 # adds them to its processor's copy
 ADDED_TOKENS = {
     "idefics3": ["<fake_token_around_image>", "<end_of_utterance>"],
     "smolvlm": ["<fake_token_around_image>", "<global-img>"],
+    # Gemma 4's audio markers (named on a copy), then the video token its processor adds
+    "gemma4": ["<|audio_start|>", "<|audio_end|>", "<|audio_pad|>", "<|video|>"],
 }
 
 
@@ -162,6 +169,7 @@ def test_families():
         "glm4v",
         "smolvlm",
         "qwen3_5",
+        "gemma4",
     )
 
 
@@ -228,6 +236,7 @@ def test_processor(family, processors, tokenizer):
         "internvl": "InternVLProcessor",
         "glm4v": "Glm4vProcessor",
         "smolvlm": "SmolVLMProcessor",
+        "gemma4": "Gemma4Processor",
     }
     assert type(processor).__name__ == expected[family]
     assert processor.chat_template == CHAT_TEMPLATE[family]
@@ -253,6 +262,8 @@ def test_processor(family, processors, tokenizer):
         shape = {
             "idefics3": (1, 1, 3, 32, 32),
             "smolvlm": (1, 1, 3, 32, 32),
+            # Gemma 4: (images, patches padded to 70 soft tokens of 2x2 patches, 8 x 8 x 3 pixels)
+            "gemma4": (1, 280, 192),
             "llava_next": (1, 2, 3, 32, 32),
             "llava_onevision": (1, 2, 3, 32, 32),
         }.get(family, (1, 3, 32, 32))
@@ -290,6 +301,7 @@ def test_model_config(family, pairs, tokenizer):
         "internvl": "InternVLForConditionalGeneration",
         "glm4v": "Glm4vForConditionalGeneration",
         "smolvlm": "SmolVLMForConditionalGeneration",
+        "gemma4": "Gemma4ForConditionalGeneration",
     }
     vocab = tokenizer.get_vocab()
     for model in (student, teacher):

@@ -228,7 +228,9 @@ def test_lora_student_trains_adapter_only_and_reloads(processors, tmp_path, fami
         ),
         train_dataset=image_question_dataset(8),
         processing_class=processor,
-        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+        # Every linear layer: Gemma 4 wraps its vision tower's `q_proj` and `v_proj` (`Gemma4ClippableLinear`), which
+        # PEFT refuses when targeted by those names
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False),
     )
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()

@@ -60,6 +60,7 @@ FAMILIES: dict[str, Family] = {
         Family("glm4v", **_QWEN),
         Family("smolvlm", positions="1d", prefix_sharing=True, cue_recovery=True, text_model="text_model"),
         Family("qwen3_5", **_QWEN),
+        Family("gemma4", positions="1d", prefix_sharing=True, cue_recovery=True),
     )
 }
 

@@ -44,8 +44,8 @@ __all__ = [
 #: Model types whose completion positions continue exactly after a cached prompt (`trl_vaopd.families`)
 PREFIX_SHARING_FAMILIES = tuple(name for name, family in FAMILIES.items() if family.prefix_sharing)
 # Model inputs a shared prompt may carry: per-rollout entries (after `split_pixel_values_by_grid`; LLaVA-NeXT's tiles
-# follow its `image_sizes`) and per-token types
-_PER_ROLLOUT_KEYS = ("pixel_values", "image_grid_thw", "image_sizes")
+# follow its `image_sizes`, Gemma 4's patches their `image_position_ids`) and per-token types
+_PER_ROLLOUT_KEYS = ("pixel_values", "image_grid_thw", "image_sizes", "image_position_ids")
 _PER_TOKEN_KEYS = ("mm_token_type_ids", "token_type_ids")
 
 

@@ -9,7 +9,7 @@ Hugging Face Hub. This module builds everything from scratch in well under a sec
 * :func:`build_processor` wraps it in the family's real processor (``Qwen3VLProcessor``, ``Qwen2_5_VLProcessor``,
   ``Qwen2VLProcessor``, ``LlavaProcessor``, ``LlavaNextProcessor``, ``LlavaOnevisionProcessor``,
   ``Gemma3Processor``,
-  ``Idefics3Processor``, ``InternVLProcessor``, ``Glm4vProcessor``, ``SmolVLMProcessor``) with image/video processors sized so a 32x32 image yields only a handful of visual tokens.
+  ``Idefics3Processor``, ``InternVLProcessor``, ``Glm4vProcessor``, ``SmolVLMProcessor``, ``Gemma4Processor``) with image/video processors sized so a 32x32 image yields only a handful of visual tokens.
 * :func:`build_model` instantiates the family's real ``...ForConditionalGeneration`` class with a couple of layers,
   tiny hidden sizes and a vocabulary equal to ``len(tokenizer)``; the ``"teacher"`` size is wider than the
   ``"student"`` size but shares the vocabulary, as distillation requires.
@@ -34,6 +34,12 @@ from transformers import (
     Gemma3ImageProcessor,
     Gemma3Processor,
     Gemma3TextConfig,
+    Gemma4AudioFeatureExtractor,
+    Gemma4Config,
+    Gemma4ForConditionalGeneration,
+    Gemma4ImageProcessor,
+    Gemma4Processor,
+    Gemma4VideoProcessor,
     GenerationConfig,
     Glm4vConfig,
     Glm4vForConditionalGeneration,
@@ -194,6 +200,12 @@ LLAVA_ONEVISION_CHAT_TEMPLATE: str = _chatml_template(LLAVA_IMAGE, VIDEO_PAD)
 #: processor expands to ``<|vision_start|>``, the image tokens and ``<|vision_end|>``.
 INTERNVL_CHAT_TEMPLATE: str = _chatml_template(IMAGE_PAD, VIDEO_PAD)
 
+# The video token Gemma 4's processor adds to its tokenizer
+GEMMA4_VIDEO = "<|video|>"
+#: Chat template of the Gemma 4 family: images render as one image token (``<|image_pad|>`` here), which the processor
+#: expands to the begin-of-image marker, the image's tokens and the end-of-image marker.
+GEMMA4_CHAT_TEMPLATE: str = _chatml_template(IMAGE_PAD, GEMMA4_VIDEO)
+
 _CHAT_TEMPLATES: dict[str, str] = {
     **dict.fromkeys(_QWEN_FAMILIES, QWEN_CHAT_TEMPLATE),
     "llava": LLAVA_CHAT_TEMPLATE,
@@ -204,11 +216,19 @@ _CHAT_TEMPLATES: dict[str, str] = {
     "internvl": INTERNVL_CHAT_TEMPLATE,
     "glm4v": QWEN_CHAT_TEMPLATE,  # GLM-4V's markers `<|begin_of_image|>`, `<|image|>`, `<|end_of_image|>` are Qwen's here
     "smolvlm": LLAVA_CHAT_TEMPLATE,
+    "gemma4": GEMMA4_CHAT_TEMPLATE,
 }
 # Gemma 3's processor reads its markers from named special tokens of the tokenizer; the tiny vocabulary's Qwen vision
 # markers play them (named on a copy only: see `build_tokenizer` on why the shared tokenizer names no image token)
 _GEMMA3_TOKENS = {"boi_token": VISION_START, "eoi_token": VISION_END, "image_token": IMAGE_PAD}
 _GLM4V_TOKENS = {"image_token": IMAGE_PAD, "video_token": VIDEO_PAD}
+# Gemma 4's processor also requires audio markers (it refuses any input without them); they extend the vocabulary
+_GEMMA4_TOKENS = {
+    **_GEMMA3_TOKENS,
+    "boa_token": "<|audio_start|>",
+    "eoa_token": "<|audio_end|>",
+    "audio_token": "<|audio_pad|>",
+}
 _INTERNVL_TOKENS = {
     "start_image_token": VISION_START,
     "end_image_token": VISION_END,
@@ -235,6 +255,7 @@ _PATCH_SIZE: dict[str, int] = {
     "glm4v": 14,
     "smolvlm": 8,
     "qwen3_5": 16,
+    "gemma4": 8,
 }
 # Gemma 3 average-pools 2x2 patches into one token, Idefics3 (and SmolVLM, its architecture) and InternVL shuffle them
 # into one (`scale_factor`, `downsample_ratio` 0.5)
@@ -386,9 +407,14 @@ def build_processor(
     if tokenizer is None:
         tokenizer = build_tokenizer(seed=seed)
     chat_template = _CHAT_TEMPLATES[family]
-    if family in ("gemma3", "internvl", "glm4v"):
-        # Same vocabulary and ids, with the markers named
-        named = {"gemma3": _GEMMA3_TOKENS, "internvl": _INTERNVL_TOKENS, "glm4v": _GLM4V_TOKENS}[family]
+    if family in ("gemma3", "internvl", "glm4v", "gemma4"):
+        # Same vocabulary and ids, with the markers named (Gemma 4's audio markers added after them)
+        named = {
+            "gemma3": _GEMMA3_TOKENS,
+            "internvl": _INTERNVL_TOKENS,
+            "glm4v": _GLM4V_TOKENS,
+            "gemma4": _GEMMA4_TOKENS,
+        }[family]
         tokenizer = _wrap(copy.deepcopy(tokenizer.backend_tokenizer), named)
         tokenizer.chat_template = chat_template
     elif tokenizer.chat_template != chat_template:
@@ -452,6 +478,22 @@ def build_processor(
             tokenizer=tokenizer,
             video_processor=Glm4vVideoProcessor(size=size, **geometry),
             chat_template=chat_template,
+        )
+
+    if family == "gemma4":
+        side = _PATCH_SIZE[family] * _GEMMA3_POOL
+        if image_size % side:
+            raise ValueError(f"gemma4 needs an image_size that is a multiple of {side}, got {image_size}")
+        # Images keep their size (real: resized to a budget of soft tokens), patches pooled 2x2 as Gemma 3's; the
+        # patches are padded to the smallest budget Gemma 4 accepts (70 soft tokens) with -1 positions
+        geometry = {"patch_size": _PATCH_SIZE[family], "pooling_kernel_size": _GEMMA3_POOL, "max_soft_tokens": 70}
+        return Gemma4Processor(
+            feature_extractor=Gemma4AudioFeatureExtractor(),  # required, unused: no audio
+            image_processor=Gemma4ImageProcessor(do_resize=False, **geometry),
+            tokenizer=tokenizer,
+            video_processor=Gemma4VideoProcessor(do_resize=False, **geometry),
+            chat_template=chat_template,
+            image_seq_length=(image_size // side) ** 2,
         )
 
     if family == "gemma3":
@@ -742,6 +784,42 @@ def _build_config(family: str, tokenizer: PreTrainedTokenizerBase, size: str, im
             image_token_index=_token_id(tokenizer, IMAGE_PAD),
             tie_word_embeddings=False,
         )
+    elif family == "gemma4":
+        text_config = dict(
+            text_common,
+            head_dim=_HEAD_DIM,
+            global_head_dim=_HEAD_DIM,
+            # One sliding-window layer and one global layer (real: 5 to 1); the window exceeds every tiny sequence
+            layer_types=["sliding_attention", "full_attention"],
+            sliding_window=512,
+            # Per-layer input embeddings, a quarter of the width (real: 256 of 1536 to 5376)
+            vocab_size_per_layer_input=vocab,
+            hidden_size_per_layer_input=hidden // 4,
+            bos_token_id=bos_id,
+            eos_token_id=eos_id,
+            tie_word_embeddings=False,
+        )
+        vision_config = {
+            "hidden_size": hidden,
+            "intermediate_size": 2 * hidden,
+            "num_hidden_layers": _VISION_DEPTH,
+            "num_attention_heads": heads,
+            "num_key_value_heads": heads,
+            "head_dim": _HEAD_DIM,
+            "patch_size": _PATCH_SIZE[family],
+            "pooling_kernel_size": _GEMMA3_POOL,
+            "position_embedding_size": 64,  # learned positions along each axis, up to 64 patches
+        }
+        config = Gemma4Config(
+            text_config=text_config,
+            vision_config=vision_config,
+            audio_config=None,
+            boi_token_id=_token_id(tokenizer, VISION_START),
+            eoi_token_id=_token_id(tokenizer, VISION_END),
+            image_token_id=_token_id(tokenizer, IMAGE_PAD),
+            video_token_id=_token_id(tokenizer, GEMMA4_VIDEO),
+            tie_word_embeddings=False,
+        )
     elif family in ("idefics3", "smolvlm"):
         text_config = LlamaConfig(
             **text_common,
@@ -903,7 +981,7 @@ def build_model(
     if size not in MODEL_SIZES:
         raise ValueError(f"Unknown size {size!r}; expected one of {MODEL_SIZES}")
     tokenizer, processor = _split(processor_or_tokenizer)
-    if family in ("idefics3", "smolvlm") and processor is None:
+    if family in ("idefics3", "smolvlm", "gemma4") and processor is None:
         # The vocabulary is that of the processor's tokenizer, which has the family's image markers added
         tokenizer, processor = _split(build_processor(family, tokenizer))
     image_size = 32
@@ -930,6 +1008,7 @@ def build_model(
         "glm4v": Glm4vForConditionalGeneration,
         "smolvlm": SmolVLMForConditionalGeneration,
         "qwen3_5": Qwen3_5ForConditionalGeneration,
+        "gemma4": Gemma4ForConditionalGeneration,
     }[family]
 
     # Fork the RNG so seeding here neither depends on nor disturbs the caller's random state.
