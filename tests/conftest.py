@@ -39,6 +39,16 @@ def image_question_dataset(num_prompts: int = 8, cues: bool = False) -> Dataset:
     return Dataset.from_list(rows)
 
 
+def with_image_parts(dataset):
+    """TRL's multimodal prompt format: the image's place in the prompt is an `{"type": "image"}` part."""
+
+    def convert(row):
+        text = row["prompt"][0]["content"]
+        return {"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]}
+
+    return dataset.map(convert)
+
+
 def pad_output_head(model, rows: int, seed: int):
     """The model with `rows` padding rows appended to its vocabulary (as checkpoints pad their heads), large random
     ones: comparing them, or sampling them, would move much of the probability mass."""

@@ -220,8 +220,8 @@ def test_save_and_load_round_trip(processors, tmp_path):
 
 def test_other_families_are_refused_by_name(processors):
     model = build_model("qwen3_vl", processors["qwen3_vl"])
-    model.config.model_type = "smolvlm"
-    with pytest.raises(ValueError, match="got a 'smolvlm' model"):
+    model.config.model_type = "outside_the_table"
+    with pytest.raises(ValueError, match="got a 'outside_the_table' model"):
         add_cue_recovery(model)
 
 

@@ -56,18 +56,21 @@ def test_qwen3_vl_moe_teacher_distils_into_a_qwen3_vl_student(processors, tmp_pa
     assert teacher_passes.prompts > 0 and student_passes.prompts > 0
 
 
+@pytest.mark.parametrize("image_parts", [False, True], ids=["plain", "image-parts"])
 @pytest.mark.parametrize("method", ["opd", "vicur"])
 @pytest.mark.parametrize("family", TINY_FAMILIES)
-def test_every_method_trains_one_step_on_each_family(processors, tmp_path, family, method):
-    """OPD and ViCuR (the cue teacher and the student's cue-recovery module) on each family; VA-OPD and VGS are in
-    `test_trainer.py`. ViCuR's module is refused by name on a family without it."""
-    from conftest import image_question_dataset
+def test_every_method_trains_one_step_on_each_family(processors, tmp_path, family, method, image_parts):
+    """OPD and ViCuR (the cue teacher and the student's cue-recovery module) on each family, with plain-text prompts
+    and with TRL's `{"type": "image"}` parts; VA-OPD and VGS are in `test_trainer.py`. ViCuR's module is refused by
+    name on a family without it."""
+    from conftest import image_question_dataset, with_image_parts
     from steps import run_one_step
 
+    dataset = image_question_dataset(8, cues=True)
     settings = dict(
         family=family,
         method=method,
-        dataset=image_question_dataset(8, cues=True),
+        dataset=with_image_parts(dataset) if image_parts else dataset,
         per_device_train_batch_size=4,
         gradient_accumulation_steps=2,
         learning_rate=1e-3,
@@ -83,22 +86,11 @@ def test_every_method_trains_one_step_on_each_family(processors, tmp_path, famil
     assert (method == "vicur") == any(d.abs().max() > 0 for n, d in delta.items() if "sink_cross_attns" in n)
 
 
-def smolvlm(processor, size: str, seed: int):
-    """A tiny SmolVLM: Idefics3's architecture and inputs under another `model_type`, outside the table (fed by
-    Idefics3's processor: SmolVLM's own needs the `num2words` package)."""
-    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
-
-    config = build_model("idefics3", processor, size).config
-    config = SmolVLMConfig(
-        text_config=config.text_config.to_dict(),
-        vision_config=config.vision_config.to_dict(),
-        scale_factor=config.scale_factor,
-        image_token_id=config.image_token_id,
-        tie_word_embeddings=False,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return SmolVLMForConditionalGeneration(config)
+def outside_the_table(processor, size: str, seed: int):
+    """A tiny Idefics3 under a `model_type` the table does not know: a family outside it."""
+    model = build_model("idefics3", processor, size, seed=seed)
+    model.config.model_type = "outside_the_table"
+    return model
 
 
 def test_a_family_outside_the_table_trains_on_full_passes_and_refuses_the_module(processors, tmp_path):
@@ -109,7 +101,7 @@ def test_a_family_outside_the_table_trains_on_full_passes_and_refuses_the_module
     from trl_vaopd.cue_recovery import has_cue_recovery
 
     processor = processors["idefics3"]
-    student, teacher = smolvlm(processor, "student", 0), smolvlm(processor, "teacher", 1)
+    student, teacher = outside_the_table(processor, "student", 0), outside_the_table(processor, "teacher", 1)
     assert family_of(student) is None and not has_cue_recovery(student)
     teacher_passes = Passes(teacher)
     trainer = VAOPDTrainer(
@@ -123,9 +115,9 @@ def test_a_family_outside_the_table_trains_on_full_passes_and_refuses_the_module
     trainer.train()
     assert torch.isfinite(torch.tensor(trainer.state.log_history[0]["loss"]))
     assert teacher_passes.rollouts == 2 * 8 and teacher_passes.prompts == 0  # full passes, no shared prompt
-    with pytest.raises(ValueError, match="got a 'smolvlm' model. Train without it"):
+    with pytest.raises(ValueError, match="got a 'outside_the_table' model. Train without it"):
         VAOPDTrainer(
-            model=smolvlm(processor, "student", 0),
+            model=outside_the_table(processor, "student", 0),
             teacher_model=teacher,
             args=make_args(tmp_path, method="vicur"),
             train_dataset=image_question_dataset(8, cues=True),

@@ -17,6 +17,7 @@ from PIL import Image
 
 from trl_vaopd.tiny_models import (
     GEMMA3_CHAT_TEMPLATE,
+    GEMMA4_CHAT_TEMPLATE,
     INTERNVL_CHAT_TEMPLATE,
     LLAVA_CHAT_TEMPLATE,
     LLAVA_ONEVISION_CHAT_TEMPLATE,
@@ -45,6 +46,7 @@ GRID_KEYS = {
     "qwen2_5_vl": {"image_grid_thw", "mm_token_type_ids"},
     "qwen2_vl": {"image_grid_thw", "mm_token_type_ids"},
     "qwen3_vl_moe": {"image_grid_thw", "mm_token_type_ids"},
+    "qwen3_5": {"image_grid_thw", "mm_token_type_ids"},
     "llava": set(),
     "llava_next": {"image_sizes"},
     "llava_onevision": {"image_sizes"},
@@ -52,8 +54,10 @@ GRID_KEYS = {
     "idefics3": {"pixel_attention_mask"},
     "internvl": set(),
     "glm4v": {"image_grid_thw", "mm_token_type_ids"},
+    "smolvlm": {"pixel_attention_mask"},
+    "gemma4": {"image_position_ids", "mm_token_type_ids"},
 }
-QWEN_FAMILIES = ("qwen3_vl", "qwen2_5_vl", "qwen2_vl", "qwen3_vl_moe")
+QWEN_FAMILIES = ("qwen3_vl", "qwen2_5_vl", "qwen2_vl", "qwen3_vl_moe", "qwen3_5")
 IMAGE_TOKEN = {
     **dict.fromkeys(QWEN_FAMILIES, "<|image_pad|>"),
     "llava": "<image>",
@@ -63,6 +67,8 @@ IMAGE_TOKEN = {
     "idefics3": "<image>",
     "internvl": "<|image_pad|>",
     "glm4v": "<|image_pad|>",
+    "smolvlm": "<image>",
+    "gemma4": "<|image_pad|>",
 }
 VISION_PREFIX = {
     **dict.fromkeys(QWEN_FAMILIES, "model.visual."),
@@ -73,6 +79,8 @@ VISION_PREFIX = {
     "idefics3": "model.vision_model.",
     "internvl": "model.vision_tower.",
     "glm4v": "model.visual.",
+    "smolvlm": "model.vision_model.",
+    "gemma4": "model.vision_tower.",
 }
 CHAT_TEMPLATE = {
     **dict.fromkeys(QWEN_FAMILIES, QWEN_CHAT_TEMPLATE),
@@ -83,9 +91,17 @@ CHAT_TEMPLATE = {
     "idefics3": LLAVA_CHAT_TEMPLATE,
     "internvl": INTERNVL_CHAT_TEMPLATE,
     "glm4v": QWEN_CHAT_TEMPLATE,
+    "smolvlm": LLAVA_CHAT_TEMPLATE,
+    "gemma4": GEMMA4_CHAT_TEMPLATE,
 }
-# Idefics3's processor adds its image markers to (its copy of) the tokenizer, after the shared ids
-ADDED_TOKENS = {"idefics3": ["<fake_token_around_image>", "<end_of_utterance>"]}
+# Idefics3's processor adds its image markers to (its copy of) the tokenizer, after the shared ids; SmolVLM's builder
+# adds them to its processor's copy
+ADDED_TOKENS = {
+    "idefics3": ["<fake_token_around_image>", "<end_of_utterance>"],
+    "smolvlm": ["<fake_token_around_image>", "<global-img>"],
+    # Gemma 4's audio markers (named on a copy), then the video token its processor adds
+    "gemma4": ["<|audio_start|>", "<|audio_end|>", "<|audio_pad|>", "<|video|>"],
+}
 
 
 def _image(seed: int = 0) -> Image.Image:
@@ -151,6 +167,9 @@ def test_families():
         "idefics3",
         "internvl",
         "glm4v",
+        "smolvlm",
+        "qwen3_5",
+        "gemma4",
     )
 
 
@@ -208,6 +227,7 @@ def test_processor(family, processors, tokenizer):
         "qwen2_5_vl": "Qwen2_5_VLProcessor",
         "qwen2_vl": "Qwen2VLProcessor",
         "qwen3_vl_moe": "Qwen3VLProcessor",
+        "qwen3_5": "Qwen3VLProcessor",
         "llava": "LlavaProcessor",
         "llava_next": "LlavaNextProcessor",
         "llava_onevision": "LlavaOnevisionProcessor",
@@ -215,6 +235,8 @@ def test_processor(family, processors, tokenizer):
         "idefics3": "Idefics3Processor",
         "internvl": "InternVLProcessor",
         "glm4v": "Glm4vProcessor",
+        "smolvlm": "SmolVLMProcessor",
+        "gemma4": "Gemma4Processor",
     }
     assert type(processor).__name__ == expected[family]
     assert processor.chat_template == CHAT_TEMPLATE[family]
@@ -239,6 +261,9 @@ def test_processor(family, processors, tokenizer):
         # LLaVA-NeXT: (images, base view + tiles of the chosen pinpoint, 3, height, width)
         shape = {
             "idefics3": (1, 1, 3, 32, 32),
+            "smolvlm": (1, 1, 3, 32, 32),
+            # Gemma 4: (images, patches padded to 70 soft tokens of 2x2 patches, 8 x 8 x 3 pixels)
+            "gemma4": (1, 280, 192),
             "llava_next": (1, 2, 3, 32, 32),
             "llava_onevision": (1, 2, 3, 32, 32),
         }.get(family, (1, 3, 32, 32))
@@ -267,6 +292,7 @@ def test_model_config(family, pairs, tokenizer):
         "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
         "qwen2_vl": "Qwen2VLForConditionalGeneration",
         "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
+        "qwen3_5": "Qwen3_5ForConditionalGeneration",
         "llava": "LlavaForConditionalGeneration",
         "llava_next": "LlavaNextForConditionalGeneration",
         "llava_onevision": "LlavaOnevisionForConditionalGeneration",
@@ -274,6 +300,8 @@ def test_model_config(family, pairs, tokenizer):
         "idefics3": "Idefics3ForConditionalGeneration",
         "internvl": "InternVLForConditionalGeneration",
         "glm4v": "Glm4vForConditionalGeneration",
+        "smolvlm": "SmolVLMForConditionalGeneration",
+        "gemma4": "Gemma4ForConditionalGeneration",
     }
     vocab = tokenizer.get_vocab()
     for model in (student, teacher):
@@ -311,6 +339,10 @@ def test_model_config(family, pairs, tokenizer):
     if family == "qwen2_vl":
         vision = student.config.vision_config
         assert vision.patch_size == 14 and vision.spatial_merge_size == 2
+    if family == "qwen3_5":
+        text = student.config.get_text_config()
+        assert text.layer_types == ["linear_attention", "full_attention"]
+        assert sum(".linear_attn." in n for n, _ in student.named_parameters()) > 0
     if family == "qwen3_vl_moe":
         text = student.config.get_text_config()
         assert text.num_experts == 4 and text.num_experts_per_tok == 2

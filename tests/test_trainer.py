@@ -3,7 +3,7 @@ LoRA, resume."""
 
 import pytest
 import torch
-from conftest import image_question_dataset, make_args, pad_output_head
+from conftest import image_question_dataset, make_args, pad_output_head, with_image_parts
 from reference import reference, rollouts_of
 from steps import assert_update_is_minus_gradient, cat, check_step_against_reference, run_one_step
 
@@ -140,16 +140,6 @@ def test_logs_va_metrics(processors, tmp_path):
     assert 0 < logs["weights/min"] <= 0.25 <= logs["weights/max"] < 1
 
 
-def with_image_parts(dataset):
-    """TRL's multimodal prompt format: the image's place in the prompt is an `{"type": "image"}` part."""
-
-    def convert(row):
-        text = row["prompt"][0]["content"]
-        return {"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]}
-
-    return dataset.map(convert)
-
-
 @pytest.mark.parametrize("method,view", [("vgs", "drop"), (["va_opd", "vicur"], "drop"), ("va_opd", "pixelate")])
 def test_both_prompt_formats_train_the_same_step_under_every_view(processors, tmp_path, method, view):
     plain = image_question_dataset(8, cues=True)
@@ -240,7 +230,9 @@ def test_lora_student_trains_adapter_only_and_reloads(processors, tmp_path, fami
         ),
         train_dataset=image_question_dataset(8),
         processing_class=processor,
-        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+        # Every linear layer: Gemma 4 wraps its vision tower's `q_proj` and `v_proj` (`Gemma4ClippableLinear`), which
+        # PEFT refuses when targeted by those names
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False),
     )
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()

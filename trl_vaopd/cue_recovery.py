@@ -16,7 +16,7 @@ is passed (`past_key_values=` or `cache=`), is unchanged. `W_o` starts at zero, 
 model's function unchanged until it trains (the authors start it at PyTorch's default).
 
 The module lives inside the model under the authors' names (`<backbone>.language_model.sink_cross_attns.<layer>`,
-`.sink_q_norm`, `.sink_kv_norm`; the text model is `text_model` on Idefics3, `trl_vaopd.families`), so the optimizer, DDP and ZeRO-3 see its parameters, `save_pretrained` writes them,
+`.sink_q_norm`, `.sink_kv_norm`; the text model is `text_model` on Idefics3 and SmolVLM, `trl_vaopd.families`), so the optimizer, DDP and ZeRO-3 see its parameters, `save_pretrained` writes them,
 and checkpoints move between this package and the authors' code; `model.config.cue_recovery` records where it goes.
 `load_with_cue_recovery` is the matching load path, and `cue_recovery_modules_to_save` keeps it trainable (and saved)
 next to a PEFT adapter.

@@ -58,6 +58,9 @@ FAMILIES: dict[str, Family] = {
         Family("idefics3", positions="1d", prefix_sharing=True, cue_recovery=True, text_model="text_model"),
         Family("internvl", positions="1d", prefix_sharing=True, cue_recovery=True),
         Family("glm4v", **_QWEN),
+        Family("smolvlm", positions="1d", prefix_sharing=True, cue_recovery=True, text_model="text_model"),
+        Family("qwen3_5", **_QWEN),
+        Family("gemma4", positions="1d", prefix_sharing=True, cue_recovery=True),
     )
 }
 

@@ -11,13 +11,16 @@ That holds when each call holds whole sibling groups: a group cut into pieces ru
 call (or when the batch starts or ends inside a group, as a process's share of the generation batch may).
 
 Exact for the families whose positions this module can continue (`trl_vaopd.families.FAMILIES`): the Qwen-VL
-families and GLM-4V (multimodal RoPE: the completion's text positions continue from the prompt's largest position)
-and the others (1-D positions continue from the cache length; RoPE sees the same relative positions).
+families, Qwen3.5 and GLM-4V (multimodal RoPE: the completion's text positions continue from the prompt's largest
+position) and the others (1-D positions continue from the cache length; RoPE sees the same relative positions).
+Qwen3.5's linear-attention layers cache a convolution and a recurrent state instead of keys and values; they are
+repeated to the rollouts the same way.
 `prefix_sharing_support` says why any other setting falls back to full passes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
 from typing import Any
@@ -41,8 +44,8 @@ __all__ = [
 #: Model types whose completion positions continue exactly after a cached prompt (`trl_vaopd.families`)
 PREFIX_SHARING_FAMILIES = tuple(name for name, family in FAMILIES.items() if family.prefix_sharing)
 # Model inputs a shared prompt may carry: per-rollout entries (after `split_pixel_values_by_grid`; LLaVA-NeXT's tiles
-# follow its `image_sizes`) and per-token types
-_PER_ROLLOUT_KEYS = ("pixel_values", "image_grid_thw", "image_sizes")
+# follow its `image_sizes`, Gemma 4's patches their `image_position_ids`) and per-token types
+_PER_ROLLOUT_KEYS = ("pixel_values", "image_grid_thw", "image_sizes", "image_position_ids")
 _PER_TOKEN_KEYS = ("mm_token_type_ids", "token_type_ids")
 
 
@@ -160,6 +163,30 @@ def _completion_positions(backbone: torch.nn.Module, prompt: dict[str, torch.Ten
     return (start[:, None] + steps).unsqueeze(0).expand(3, -1, -1)
 
 
+def _recurrent_states(cache: Any) -> list[torch.Tensor]:
+    """The recurrent states a cache holds for its linear-attention layers (Qwen3.5's gated delta nets), `[]` for a
+    cache of keys and values only."""
+    return [
+        state
+        for layer in cache.layers
+        for state in (getattr(layer, "recurrent_states", None) or {}).values()  # by state index
+        if isinstance(state, torch.Tensor)
+    ]
+
+
+def _saved_as_copies(states: list[torch.Tensor]) -> Any:
+    """Autograd saves the tensors in `states` as copies: a linear-attention layer reads its recurrent state, then
+    overwrites it in place with the continuation's, which would corrupt the saved read before the backward runs."""
+    if not states:
+        return contextlib.nullcontext()
+    pointers = {state.data_ptr() for state in states}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.detach().clone() if tensor.data_ptr() in pointers else tensor
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor)
+
+
 def shared_prefix_hidden_states(model: torch.nn.Module, rows: dict[str, Any], groups: PrefixGroups) -> torch.Tensor:
     """Last hidden states `(N, C, H)` aligned to the completion tokens of `rows`, each group's prompt run once.
 
@@ -186,8 +213,10 @@ def shared_prefix_hidden_states(model: torch.nn.Module, rows: dict[str, Any], gr
     out = backbone(**prompt, use_cache=True)
     keyword = cache_keyword(backbone)
     cache = getattr(out, keyword)
-    # Every rollout attends to its group's prompt: the cache is gathered along the batch (with gradient, if any)
-    cache.batch_select_indices(index)
+    # Every rollout continues its group's prompt: the cache is gathered along the batch (with gradient, if any).
+    # `reorder_cache` gathers every layer kind's states (keys and values, and the convolution and recurrent states of
+    # linear-attention layers such as Qwen3.5's gated delta nets), where `batch_select_indices` misses the latter
+    cache.reorder_cache(index)
     completion = rows["completion_ids"]
     continuation = {
         "input_ids": completion,
@@ -197,6 +226,7 @@ def shared_prefix_hidden_states(model: torch.nn.Module, rows: dict[str, Any], gr
     }
     if family_of(model).positions == "mrope":
         continuation["position_ids"] = _completion_positions(backbone, prompt, completion.size(1))[:, index]
-    hidden = backbone(**continuation).last_hidden_state
+    with _saved_as_copies(_recurrent_states(cache)):
+        hidden = backbone(**continuation).last_hidden_state
     # The prompt's last position predicts the first completion token; completion position t predicts token t + 1
     return torch.cat([out.last_hidden_state[index, -1:], hidden[:, :-1]], dim=1)

@@ -9,7 +9,7 @@ Hugging Face Hub. This module builds everything from scratch in well under a sec
 * :func:`build_processor` wraps it in the family's real processor (``Qwen3VLProcessor``, ``Qwen2_5_VLProcessor``,
   ``Qwen2VLProcessor``, ``LlavaProcessor``, ``LlavaNextProcessor``, ``LlavaOnevisionProcessor``,
   ``Gemma3Processor``,
-  ``Idefics3Processor``, ``InternVLProcessor``, ``Glm4vProcessor``) with image/video processors sized so a 32x32 image yields only a handful of visual tokens.
+  ``Idefics3Processor``, ``InternVLProcessor``, ``Glm4vProcessor``, ``SmolVLMProcessor``, ``Gemma4Processor``) with image/video processors sized so a 32x32 image yields only a handful of visual tokens.
 * :func:`build_model` instantiates the family's real ``...ForConditionalGeneration`` class with a couple of layers,
   tiny hidden sizes and a vocabulary equal to ``len(tokenizer)``; the ``"teacher"`` size is wider than the
   ``"student"`` size but shares the vocabulary, as distillation requires.
@@ -34,6 +34,12 @@ from transformers import (
     Gemma3ImageProcessor,
     Gemma3Processor,
     Gemma3TextConfig,
+    Gemma4AudioFeatureExtractor,
+    Gemma4Config,
+    Gemma4ForConditionalGeneration,
+    Gemma4ImageProcessor,
+    Gemma4Processor,
+    Gemma4VideoProcessor,
     GenerationConfig,
     Glm4vConfig,
     Glm4vForConditionalGeneration,
@@ -77,6 +83,8 @@ from transformers import (
     Qwen2VLImageProcessor,
     Qwen2VLProcessor,
     Qwen2VLVideoProcessor,
+    Qwen3_5Config,
+    Qwen3_5ForConditionalGeneration,
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
     Qwen3VLMoeConfig,
@@ -84,6 +92,11 @@ from transformers import (
     Qwen3VLProcessor,
     Qwen3VLVideoProcessor,
     SiglipVisionConfig,
+    SmolVLMConfig,
+    SmolVLMForConditionalGeneration,
+    SmolVLMImageProcessor,
+    SmolVLMProcessor,
+    SmolVLMVideoProcessor,
 )
 
 from .families import FAMILIES
@@ -121,6 +134,9 @@ VISION_END = "<|vision_end|>"
 IMAGE_PAD = "<|image_pad|>"
 VIDEO_PAD = "<|video_pad|>"
 LLAVA_IMAGE = "<image>"
+# SmolVLM's image markers, added to its processor's tokenizer (a copy) only
+SMOLVLM_FAKE_IMAGE = "<fake_token_around_image>"
+SMOLVLM_GLOBAL_IMAGE = "<global-img>"
 SPECIAL_TOKENS: tuple[str, ...] = (
     ENDOFTEXT,
     IM_START,
@@ -169,9 +185,9 @@ QWEN_CHAT_TEMPLATE: str = _chatml_template(
 LLAVA_CHAT_TEMPLATE: str = _chatml_template(LLAVA_IMAGE, LLAVA_IMAGE)
 
 # The Qwen families: one image/video processor, the same vision markers and chat template
-_QWEN_FAMILIES = ("qwen3_vl", "qwen2_5_vl", "qwen2_vl", "qwen3_vl_moe")
-# Qwen3-VL-MoE shares Qwen3-VL's processors (its vision tower is Qwen3-VL's)
-_QWEN3_FAMILIES = ("qwen3_vl", "qwen3_vl_moe")
+_QWEN_FAMILIES = ("qwen3_vl", "qwen2_5_vl", "qwen2_vl", "qwen3_vl_moe", "qwen3_5")
+# Qwen3-VL-MoE and Qwen3.5 share Qwen3-VL's processors (their vision towers are Qwen3-VL's, Qwen3.5's without DeepStack)
+_QWEN3_FAMILIES = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5")
 
 #: Chat template of the Gemma 3 family: images render as the begin-of-image marker (``<|vision_start|>`` here), which
 #: the processor expands to the marker, the image tokens and the end-of-image marker.
@@ -184,6 +200,12 @@ LLAVA_ONEVISION_CHAT_TEMPLATE: str = _chatml_template(LLAVA_IMAGE, VIDEO_PAD)
 #: processor expands to ``<|vision_start|>``, the image tokens and ``<|vision_end|>``.
 INTERNVL_CHAT_TEMPLATE: str = _chatml_template(IMAGE_PAD, VIDEO_PAD)
 
+# The video token Gemma 4's processor adds to its tokenizer
+GEMMA4_VIDEO = "<|video|>"
+#: Chat template of the Gemma 4 family: images render as one image token (``<|image_pad|>`` here), which the processor
+#: expands to the begin-of-image marker, the image's tokens and the end-of-image marker.
+GEMMA4_CHAT_TEMPLATE: str = _chatml_template(IMAGE_PAD, GEMMA4_VIDEO)
+
 _CHAT_TEMPLATES: dict[str, str] = {
     **dict.fromkeys(_QWEN_FAMILIES, QWEN_CHAT_TEMPLATE),
     "llava": LLAVA_CHAT_TEMPLATE,
@@ -193,11 +215,20 @@ _CHAT_TEMPLATES: dict[str, str] = {
     "idefics3": LLAVA_CHAT_TEMPLATE,
     "internvl": INTERNVL_CHAT_TEMPLATE,
     "glm4v": QWEN_CHAT_TEMPLATE,  # GLM-4V's markers `<|begin_of_image|>`, `<|image|>`, `<|end_of_image|>` are Qwen's here
+    "smolvlm": LLAVA_CHAT_TEMPLATE,
+    "gemma4": GEMMA4_CHAT_TEMPLATE,
 }
 # Gemma 3's processor reads its markers from named special tokens of the tokenizer; the tiny vocabulary's Qwen vision
 # markers play them (named on a copy only: see `build_tokenizer` on why the shared tokenizer names no image token)
 _GEMMA3_TOKENS = {"boi_token": VISION_START, "eoi_token": VISION_END, "image_token": IMAGE_PAD}
 _GLM4V_TOKENS = {"image_token": IMAGE_PAD, "video_token": VIDEO_PAD}
+# Gemma 4's processor also requires audio markers (it refuses any input without them); they extend the vocabulary
+_GEMMA4_TOKENS = {
+    **_GEMMA3_TOKENS,
+    "boa_token": "<|audio_start|>",
+    "eoa_token": "<|audio_end|>",
+    "audio_token": "<|audio_pad|>",
+}
 _INTERNVL_TOKENS = {
     "start_image_token": VISION_START,
     "end_image_token": VISION_END,
@@ -222,9 +253,12 @@ _PATCH_SIZE: dict[str, int] = {
     "idefics3": 8,
     "internvl": 8,
     "glm4v": 14,
+    "smolvlm": 8,
+    "qwen3_5": 16,
+    "gemma4": 8,
 }
-# Gemma 3 average-pools 2x2 patches into one token, Idefics3 and InternVL shuffle them into one (`scale_factor`,
-# `downsample_ratio` 0.5)
+# Gemma 3 average-pools 2x2 patches into one token, Idefics3 (and SmolVLM, its architecture) and InternVL shuffle them
+# into one (`scale_factor`, `downsample_ratio` 0.5)
 _GEMMA3_POOL = _IDEFICS3_SCALE = _INTERNVL_SCALE = 2
 _MERGE_SIZE = 2
 _TEMPORAL_PATCH_SIZE = 2
@@ -364,18 +398,23 @@ def build_processor(
         The tokenizer's ``padding_side`` is set to ``"left"``, as TRL's generation requires.
 
     Returns:
-        A ``Qwen3VLProcessor`` (Qwen3-VL and Qwen3-VL-MoE), ``Qwen2_5_VLProcessor``, ``Qwen2VLProcessor`` or
-        ``LlavaProcessor`` whose ``chat_template`` renders image
-        parts with the family's placeholder, so ``processor.apply_chat_template(..., tokenize=True,
-        return_dict=True)`` works with PIL images in the messages.
+        The family's processor (``Qwen3VLProcessor`` for Qwen3-VL and Qwen3-VL-MoE, ``LlavaProcessor``, ...) whose
+        ``chat_template`` renders image parts with the family's placeholder, so ``processor.apply_chat_template(...,
+        tokenize=True, return_dict=True)`` works with PIL images in the messages. SmolVLM's processor needs the
+        ``num2words`` package (in the ``dev`` extra).
     """
     _check_family(family)
     if tokenizer is None:
         tokenizer = build_tokenizer(seed=seed)
     chat_template = _CHAT_TEMPLATES[family]
-    if family in ("gemma3", "internvl", "glm4v"):
-        # Same vocabulary and ids, with the markers named
-        named = {"gemma3": _GEMMA3_TOKENS, "internvl": _INTERNVL_TOKENS, "glm4v": _GLM4V_TOKENS}[family]
+    if family in ("gemma3", "internvl", "glm4v", "gemma4"):
+        # Same vocabulary and ids, with the markers named (Gemma 4's audio markers added after them)
+        named = {
+            "gemma3": _GEMMA3_TOKENS,
+            "internvl": _INTERNVL_TOKENS,
+            "glm4v": _GLM4V_TOKENS,
+            "gemma4": _GEMMA4_TOKENS,
+        }[family]
         tokenizer = _wrap(copy.deepcopy(tokenizer.backend_tokenizer), named)
         tokenizer.chat_template = chat_template
     elif tokenizer.chat_template != chat_template:
@@ -441,6 +480,22 @@ def build_processor(
             chat_template=chat_template,
         )
 
+    if family == "gemma4":
+        side = _PATCH_SIZE[family] * _GEMMA3_POOL
+        if image_size % side:
+            raise ValueError(f"gemma4 needs an image_size that is a multiple of {side}, got {image_size}")
+        # Images keep their size (real: resized to a budget of soft tokens), patches pooled 2x2 as Gemma 3's; the
+        # patches are padded to the smallest budget Gemma 4 accepts (70 soft tokens) with -1 positions
+        geometry = {"patch_size": _PATCH_SIZE[family], "pooling_kernel_size": _GEMMA3_POOL, "max_soft_tokens": 70}
+        return Gemma4Processor(
+            feature_extractor=Gemma4AudioFeatureExtractor(),  # required, unused: no audio
+            image_processor=Gemma4ImageProcessor(do_resize=False, **geometry),
+            tokenizer=tokenizer,
+            video_processor=Gemma4VideoProcessor(do_resize=False, **geometry),
+            chat_template=chat_template,
+            image_seq_length=(image_size // side) ** 2,
+        )
+
     if family == "gemma3":
         side = _PATCH_SIZE[family] * _GEMMA3_POOL
         if image_size % side:
@@ -453,20 +508,28 @@ def build_processor(
             image_seq_length=(image_size // side) ** 2,
         )
 
-    if family == "idefics3":
+    if family in ("idefics3", "smolvlm"):
         side = _PATCH_SIZE[family] * _IDEFICS3_SCALE
         if image_size % side:
-            raise ValueError(f"idefics3 needs an image_size that is a multiple of {side}, got {image_size}")
-        # One global image of `image_size` pixels per side (no split into tiles). The processor adds its markers
-        # `<fake_token_around_image>` and `<end_of_utterance>` to the tokenizer (a copy: ids above the shared ones)
-        image_processor = Idefics3ImageProcessor(
-            do_image_splitting=False,
-            size={"longest_edge": image_size},
-            max_image_size={"longest_edge": image_size},
-        )
-        return Idefics3Processor(
-            image_processor=image_processor,
-            tokenizer=copy.deepcopy(tokenizer),
+            raise ValueError(f"{family} needs an image_size that is a multiple of {side}, got {image_size}")
+        # One global image of `image_size` pixels per side (no split into tiles)
+        size = {"longest_edge": image_size}
+        tiles = {"do_image_splitting": False, "size": size, "max_image_size": size}
+        tokenizer = copy.deepcopy(tokenizer)  # its markers extend a copy: ids above the shared ones
+        if family == "idefics3":
+            # The processor adds its markers `<fake_token_around_image>` and `<end_of_utterance>` to the tokenizer
+            return Idefics3Processor(
+                image_processor=Idefics3ImageProcessor(**tiles),
+                tokenizer=tokenizer,
+                chat_template=chat_template,
+                image_seq_len=(image_size // side) ** 2,
+            )
+        # SmolVLM's processor reads its markers from the tokenizer without adding them
+        tokenizer.add_tokens([SMOLVLM_FAKE_IMAGE, SMOLVLM_GLOBAL_IMAGE], special_tokens=True)
+        return SmolVLMProcessor(
+            image_processor=SmolVLMImageProcessor(**tiles),
+            tokenizer=tokenizer,
+            video_processor=SmolVLMVideoProcessor(**tiles),
             chat_template=chat_template,
             image_seq_len=(image_size // side) ** 2,
         )
@@ -610,7 +673,29 @@ def _build_config(family: str, tokenizer: PreTrainedTokenizerBase, size: str, im
         "out_hidden_size": hidden,  # the merger projects straight into the text width
     }
 
-    if family in _QWEN3_FAMILIES:
+    if family == "qwen3_5":
+        text_config = dict(
+            text_common,
+            head_dim=_HEAD_DIM,
+            # A gated delta net (linear attention) layer, then a full attention layer (real: 3 to 1)
+            layer_types=["linear_attention", "full_attention"],
+            linear_key_head_dim=_HEAD_DIM,
+            linear_value_head_dim=_HEAD_DIM,
+            linear_num_key_heads=kv_heads,
+            linear_num_value_heads=heads,
+            # Interleaved multimodal RoPE on half of each head (real: a quarter), its 4 frequency slots split (t, h, w)
+            # as the real 11:11:10
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 10_000_000.0,
+                "mrope_section": [2, 1, 1],
+                "mrope_interleaved": True,
+                "partial_rotary_factor": 0.5,
+            },
+        )
+        vision_config = dict(vision_common, hidden_act="gelu_pytorch_tanh", num_position_embeddings=64)
+        config = Qwen3_5Config(text_config=text_config, vision_config=vision_config, **_qwen_token_ids(tokenizer))
+    elif family in _QWEN3_FAMILIES:
         text_config = dict(
             text_common,
             head_dim=_HEAD_DIM,
@@ -699,7 +784,43 @@ def _build_config(family: str, tokenizer: PreTrainedTokenizerBase, size: str, im
             image_token_index=_token_id(tokenizer, IMAGE_PAD),
             tie_word_embeddings=False,
         )
-    elif family == "idefics3":
+    elif family == "gemma4":
+        text_config = dict(
+            text_common,
+            head_dim=_HEAD_DIM,
+            global_head_dim=_HEAD_DIM,
+            # One sliding-window layer and one global layer (real: 5 to 1); the window exceeds every tiny sequence
+            layer_types=["sliding_attention", "full_attention"],
+            sliding_window=512,
+            # Per-layer input embeddings, a quarter of the width (real: 256 of 1536 to 5376)
+            vocab_size_per_layer_input=vocab,
+            hidden_size_per_layer_input=hidden // 4,
+            bos_token_id=bos_id,
+            eos_token_id=eos_id,
+            tie_word_embeddings=False,
+        )
+        vision_config = {
+            "hidden_size": hidden,
+            "intermediate_size": 2 * hidden,
+            "num_hidden_layers": _VISION_DEPTH,
+            "num_attention_heads": heads,
+            "num_key_value_heads": heads,
+            "head_dim": _HEAD_DIM,
+            "patch_size": _PATCH_SIZE[family],
+            "pooling_kernel_size": _GEMMA3_POOL,
+            "position_embedding_size": 64,  # learned positions along each axis, up to 64 patches
+        }
+        config = Gemma4Config(
+            text_config=text_config,
+            vision_config=vision_config,
+            audio_config=None,
+            boi_token_id=_token_id(tokenizer, VISION_START),
+            eoi_token_id=_token_id(tokenizer, VISION_END),
+            image_token_id=_token_id(tokenizer, IMAGE_PAD),
+            video_token_id=_token_id(tokenizer, GEMMA4_VIDEO),
+            tie_word_embeddings=False,
+        )
+    elif family in ("idefics3", "smolvlm"):
         text_config = LlamaConfig(
             **text_common,
             head_dim=_HEAD_DIM,
@@ -715,7 +836,7 @@ def _build_config(family: str, tokenizer: PreTrainedTokenizerBase, size: str, im
             "image_size": image_size,
             "patch_size": _PATCH_SIZE[family],
         }
-        config = Idefics3Config(
+        config = (Idefics3Config if family == "idefics3" else SmolVLMConfig)(
             text_config=text_config,
             vision_config=vision_config,
             scale_factor=_IDEFICS3_SCALE,
@@ -860,7 +981,7 @@ def build_model(
     if size not in MODEL_SIZES:
         raise ValueError(f"Unknown size {size!r}; expected one of {MODEL_SIZES}")
     tokenizer, processor = _split(processor_or_tokenizer)
-    if family == "idefics3" and processor is None:
+    if family in ("idefics3", "smolvlm", "gemma4") and processor is None:
         # The vocabulary is that of the processor's tokenizer, which has the family's image markers added
         tokenizer, processor = _split(build_processor(family, tokenizer))
     image_size = 32
@@ -868,7 +989,7 @@ def build_model(
         image_size = int(processor.image_processor.crop_size["height"])
     if family in ("gemma3", "llava_onevision") and processor is not None:
         image_size = int(processor.image_processor.size["height"])
-    if family == "idefics3":
+    if family in ("idefics3", "smolvlm"):
         image_size = int(processor.image_processor.max_image_size["longest_edge"])
     if family == "internvl" and processor is not None:
         image_size = int(processor.image_processor.size["height"])
@@ -885,6 +1006,9 @@ def build_model(
         "idefics3": Idefics3ForConditionalGeneration,
         "internvl": InternVLForConditionalGeneration,
         "glm4v": Glm4vForConditionalGeneration,
+        "smolvlm": SmolVLMForConditionalGeneration,
+        "qwen3_5": Qwen3_5ForConditionalGeneration,
+        "gemma4": Gemma4ForConditionalGeneration,
     }[family]
 
     # Fork the RNG so seeding here neither depends on nor disturbs the caller's random state.
