@@ -6,6 +6,7 @@ import torch
 from trl_vaopd.families import FAMILIES, family_of
 from trl_vaopd.prefix_sharing import backbone_of
 from trl_vaopd.tiny_models import TINY_FAMILIES, build_model
+from trl_vaopd.views import VIEW_NAMES
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
@@ -61,7 +62,7 @@ def test_qwen3_vl_moe_teacher_distils_into_a_qwen3_vl_student(processors, tmp_pa
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_every_method_trains_one_step_on_each_family(processors, tmp_path, family, method, image_parts):
     """OPD and ViCuR (the cue teacher and the student's cue-recovery module) on each family, with plain-text prompts
-    and with TRL's `{"type": "image"}` parts; VA-OPD and VGS are in `test_trainer.py`. ViCuR's module is refused by
+    and with TRL's `{"type": "image"}` parts; VA-OPD is below, VGS in `test_trainer.py`. ViCuR's module is refused by
     name on a family without it."""
     from conftest import image_question_dataset, with_image_parts
     from steps import run_one_step
@@ -123,3 +124,34 @@ def test_a_family_outside_the_table_trains_on_full_passes_and_refuses_the_module
             train_dataset=image_question_dataset(8, cues=True),
             processing_class=processor,
         )
+
+
+@pytest.mark.parametrize("image_parts", [False, True], ids=["plain", "image-parts"])
+@pytest.mark.parametrize("view", VIEW_NAMES)
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_va_opd_trains_under_every_view_on_each_family(processors, tmp_path, family, view, image_parts):
+    """One VA-OPD step under each counterfactual view, with plain-text prompts and with TRL's `{"type": "image"}`
+    parts: the pixel views keep each processor's image layout, the "drop" view re-tokenizes each prompt without its
+    images, left-padding two prompts of different lengths in one teacher call. Two groups of K=2 rollouts and 3
+    completion tokens keep the 112 steps cheap."""
+    from conftest import image_question_dataset, with_image_parts
+    from steps import run_one_step
+
+    dataset = image_question_dataset(2)
+    trainer, delta, teacher, student = run_one_step(
+        processors,
+        tmp_path,
+        family=family,
+        method="va_opd",
+        counterfactual_view=view,
+        dataset=with_image_parts(dataset) if image_parts else dataset,
+        per_device_train_batch_size=4,
+        num_generations=2,
+        max_completion_length=3,
+        learning_rate=1e-3,
+    )
+    logs = trainer.state.log_history[0]
+    assert torch.isfinite(torch.tensor(logs["loss"])) and logs["loss"] > 0
+    assert logs["va/mean"] > 0
+    assert any(d.abs().max() > 0 for d in delta.values())
+    assert teacher.rollouts == 2 * 4 and student.rollouts == 4  # the teacher scores both views of each rollout

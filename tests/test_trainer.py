@@ -151,25 +151,31 @@ def test_both_prompt_formats_train_the_same_step_under_every_view(processors, tm
         torch.testing.assert_close(parts[name], value, msg=name)
 
 
-def test_the_drop_view_refuses_prompts_that_are_only_images_before_compute(processors, tmp_path):
-    dataset = with_image_parts(image_question_dataset(8)).map(
-        lambda row, i: {"prompt": [{"role": "user", "content": [{"type": "image"}]}]} if i in (2, 5) else row,
+@pytest.mark.parametrize("image_parts", [False, True], ids=["plain", "image-parts"])
+@pytest.mark.parametrize("family", ["qwen3_vl", "gemma3"])
+def test_the_drop_view_refuses_prompts_that_are_only_images_before_compute(processors, tmp_path, family, image_parts):
+    # An image-only prompt: an image part alone, or plain-text content that is empty (TRL inserts the image there)
+    only_image = [{"type": "image"}] if image_parts else ""
+    dataset = image_question_dataset(8)
+    dataset = (with_image_parts(dataset) if image_parts else dataset).map(
+        lambda row, i: {"prompt": [{"role": "user", "content": only_image}]} if i in (2, 5) else row,
         with_indices=True,
     )
-    processor = processors["qwen3_vl"]
+    processor = processors[family]
     with pytest.raises(
         ValueError, match=r"2 row\(s\) of the 'prompt' column hold nothing else \(first indices: \[2, 5\]\)"
     ):
         VAOPDTrainer(
-            model=build_model("qwen3_vl", processor, "student"),
-            teacher_model=build_model("qwen3_vl", processor, "teacher", seed=1),
+            model=build_model(family, processor, "student"),
+            teacher_model=build_model(family, processor, "teacher", seed=1),
             args=make_args(tmp_path, method="vgs", counterfactual_view="drop"),
             train_dataset=dataset,
             processing_class=processor,
         )
 
 
-@pytest.mark.parametrize("method,view", [("va_opd", "pixelate"), ("vgs", "drop"), (["va_opd", "vgs"], "pixelate")])
+# VA-OPD alone trains under every view on every family in `test_families.py`
+@pytest.mark.parametrize("method,view", [("vgs", "drop"), (["va_opd", "vgs"], "pixelate")])
 @pytest.mark.parametrize("family", [f for f in TINY_FAMILIES if f != "qwen3_vl"])
 def test_trains_on_other_families(processors, tmp_path, family, method, view):
     trainer, delta, teacher, student = run_one_step(
@@ -187,14 +193,7 @@ def test_trains_on_other_families(processors, tmp_path, family, method, view):
     assert logs["va/mean"] > 0
     assert any(d.abs().max() > 0 for d in delta.values())
     assert teacher.rollouts == 2 * 8
-    assert student.rollouts == (2 * 8 if trainer.args.vgs else 8)
-
-
-@pytest.mark.parametrize("view", ["drop", "blank", "blur"])
-def test_other_views_train(processors, tmp_path, view):
-    trainer, _, teacher, _ = run_one_step(processors, tmp_path, counterfactual_view=view, learning_rate=1e-3)
-    assert trainer.state.log_history[0]["va/mean"] > 0
-    assert teacher.rollouts == 2 * 8
+    assert student.rollouts == 2 * 8  # VGS's student scores both views
 
 
 def test_size_changing_custom_view_is_refused(processors, tmp_path):
