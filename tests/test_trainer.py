@@ -198,16 +198,15 @@ def test_trains_on_other_families(processors, tmp_path, family, method, view):
 
 def test_size_changing_custom_view_is_refused(processors, tmp_path):
     processor = processors["qwen3_vl"]
-    trainer = VAOPDTrainer(
-        model=build_model("qwen3_vl", processor, "student"),
-        teacher_model=build_model("qwen3_vl", processor, "teacher", seed=1),
-        args=make_args(tmp_path),
-        train_dataset=image_question_dataset(8),
-        processing_class=processor,
-        counterfactual_view=lambda image: image.resize((64, 64)),
-    )
     with pytest.raises(ValueError, match="changed the image size"):
-        trainer.train()
+        VAOPDTrainer(
+            model=build_model("qwen3_vl", processor, "student"),
+            teacher_model=build_model("qwen3_vl", processor, "teacher", seed=1),
+            args=make_args(tmp_path),
+            train_dataset=image_question_dataset(8),
+            processing_class=processor,
+            counterfactual_view=lambda image: image.resize((64, 64)),
+        )
 
 
 @pytest.mark.parametrize("method", ["va_opd", ["va_opd", "vgs"]])

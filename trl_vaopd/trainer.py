@@ -273,6 +273,11 @@ class VAOPDTrainer(DistillationTrainer):
         )
         if args.needs_counterfactual and not self.counterfactual_view.keeps_layout:
             self._check_text_without_images(args, train_dataset, eval_dataset)
+        if args.needs_counterfactual and self.counterfactual_view.keeps_layout and train_dataset:
+            # A pixel view that changes the size or returns no image would only be refused mid-step: try it on the
+            # first row's images now, before any compute
+            for image in row_images(train_dataset[0]):
+                self.counterfactual_view(image)
         teacher_model, teacher_tokenizer = self._load_teacher(teacher_model, args)
 
         # The base would refuse teachers whose output head is padded to another size than the student's: the teacher
