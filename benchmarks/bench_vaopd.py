@@ -134,9 +134,11 @@ DESIGN_PHASES = (
 # the student's (README, "Methods and what they cost")
 EXPECTED_TEACHER_FORWARDS = {
     "trl_opd": 1, "vaopd_off": 1, "vaopd": 2, "vgs": 2, "vaopd_vgs": 2, "vaopd_unshared": 2, "vicur": 1, "vgs_grpo": 2,
+    "vaopd_large_calls": 2,
 }  # fmt: skip
 EXPECTED_STUDENT_FORWARDS = {
     "trl_opd": 1, "vaopd_off": 1, "vaopd": 1, "vgs": 2, "vaopd_vgs": 2, "vaopd_unshared": 1, "vicur": 1, "vgs_grpo": 2,
+    "vaopd_large_calls": 1,
 }  # fmt: skip
 
 
@@ -1150,16 +1152,17 @@ def main(argv=None) -> int:
         for (tag, trainer, purpose), (spec, raws) in runs.items()
         if purpose == "time"
     ]
-    analysis = analyse(results, opts.device)
     report = {
         "machine": machine_info,
         "options": vars(opts),
         "total_wall_s": time.perf_counter() - started,
         "results": results,
-        "analysis": analysis,
     }
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
+    # The runs first: an error in the analysis must not lose them
+    (out / "results.json").write_text(json.dumps(report, indent=2, default=float))
+    report["analysis"] = analysis = analyse(results, opts.device)
     (out / "results.json").write_text(json.dumps(report, indent=2, default=float))
     (out / "results.md").write_text(markdown(report))
     print()
