@@ -46,10 +46,10 @@ from .models import (
     DemoModels,
     _Encoder,
     completion_logits,
-    completion_mask,
     evaluate,
     generate,
     suppressed_token_ids,
+    valid_token_mask,
 )
 from .task import DEFAULT_TASK, RectangleItem, TaskConfig, build_dataset
 
@@ -119,7 +119,7 @@ def score_views(
     Returns `logp_original`, `logp_pixelated` and `mask` (valid tokens: up to and including the first EOS), `(N, T)`.
     """
     encoder = _Encoder(processor, task)
-    mask = completion_mask(completions, (encoder.eos_id, encoder.pad_id))
+    mask = valid_token_mask(completions, (encoder.eos_id, encoder.pad_id))
     out = {}
     for view in ("original", "pixelated"):
         logits = completion_logits(

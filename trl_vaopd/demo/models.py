@@ -59,7 +59,7 @@ from .task import (
 __all__ = [
     "DemoModels",
     "completion_logits",
-    "completion_mask",
+    "valid_token_mask",
     "DemoSetup",
     "ModelSpec",
     "TEXT_PRIOR_RATE",
@@ -121,8 +121,8 @@ class TrainSpec:
     figure it is the posterior given the blotch, which still hints at the size. A fixed "most likely answer" target
     would instead teach certainty in an answer that is wrong for 95% of the figures, which is no model's best
     prediction under the log loss, and has no unique choice on the area task. The views are drawn only when
-    `blind_rate > 0`, so the default runs draw the same random numbers as before the option existed.
-    `validation` (and `target_accuracy`) still reads the figures.
+    `blind_rate > 0`, so the default runs draw the same random numbers as before the option existed. The validation
+    accuracy (for `target_accuracy`) is still measured on the figures.
     """
 
     steps: int
@@ -309,7 +309,7 @@ def completion_logits(
     return logits[:, start : start + completions.size(1)].float()
 
 
-def completion_mask(completions: torch.Tensor, stop_ids: Sequence[int]) -> torch.Tensor:
+def valid_token_mask(completions: torch.Tensor, stop_ids: Sequence[int]) -> torch.Tensor:
     """`(N, T)` mask of the valid completion tokens: up to and including the first of `stop_ids` (EOS, padding)."""
     is_stop = torch.isin(completions, torch.tensor(list(stop_ids)))
     first = torch.where(is_stop.any(1), is_stop.int().argmax(1), torch.full_like(is_stop[:, 0], completions.size(1)))

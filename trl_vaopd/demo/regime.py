@@ -17,9 +17,9 @@ tokens: every number in these tasks' answers depends on the figure and no other 
 (`trl_vaopd.demo.task.image_dependent_mask` checks this on the reference answers).
 
 The terms are `trl_vaopd.objective.vgs.vgs_token_terms`, the package's full-vocabulary reference of the trainer's
-chunked VGS kernels, on full logits in float64: the demo's vocabulary has 1,024 entries, so a batch of 32 responses
-of at most 96 tokens is 25 MB per distribution. `python -m trl_vaopd.demo regime --task area [--text_prior]` prints
-the figures.
+chunked VGS kernels, on the full-vocabulary logits (the models run in float32, the divergences are taken in float64):
+the demo's vocabulary has 1,024 entries, so a batch of 32 responses of at most 96 tokens is 25 MB per distribution.
+`python -m trl_vaopd.demo regime --task area [--text_prior]` prints the figures.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from ..objective.vgs import vgs_token_terms
-from .models import DemoModels, _Encoder, completion_logits, completion_mask, generate
+from .models import DemoModels, _Encoder, completion_logits, generate, valid_token_mask
 
 
 __all__ = ["REGIME_VIEWS", "measure_regime", "number_token_ids"]
@@ -91,7 +91,7 @@ def measure_regime(
         return_ids=True,
     )
     for chunk, _, completion in pieces:
-        mask = completion_mask(completion, (encoder.eos_id, encoder.pad_id))
+        mask = valid_token_mask(completion, (encoder.eos_id, encoder.pad_id))
         logits = {
             (name, view): completion_logits(model, encoder, chunk, completion, view, mask).double()
             for name, model in (("student", student), ("teacher", teacher))
