@@ -22,6 +22,7 @@ import torch
 
 from trl_vaopd.demo.experiment import score_views
 from trl_vaopd.demo.models import DemoModels, _Encoder, completion_logits, generate
+from trl_vaopd.demo.regime import number_token_ids
 
 
 __all__ = ["kl_va_alignment"]
@@ -47,7 +48,7 @@ def kl_va_alignment(
     generator = torch.Generator().manual_seed(seed)
     totals = {"kl": 0.0, "top": 0.0, "low": 0.0, "random": 0.0, "numbers": 0.0, "tokens": 0, "number_tokens": 0}
     width = {"right": {"va": [], "kl": []}, "wrong": {"va": [], "kl": []}}
-    number_ids = {i for token, i in tokenizer.get_vocab().items() if token.lstrip("Ġ").isdigit()}
+    number_ids = number_token_ids(tokenizer)
     for chunk, _, completion in generate(
         student, processor, items, task, temperature=temperature, num_samples=samples, seed=seed, return_ids=True
     ):

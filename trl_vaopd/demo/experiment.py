@@ -42,7 +42,15 @@ from transformers import TrainerCallback
 
 from ..config import VAOPDConfig
 from ..trainer import VAOPDTrainer
-from .models import DemoModels, _Encoder, completion_logits, evaluate, generate, suppressed_token_ids
+from .models import (
+    DemoModels,
+    _Encoder,
+    completion_logits,
+    evaluate,
+    generate,
+    suppressed_token_ids,
+    valid_token_mask,
+)
 from .task import DEFAULT_TASK, RectangleItem, TaskConfig, build_dataset
 
 
@@ -111,10 +119,7 @@ def score_views(
     Returns `logp_original`, `logp_pixelated` and `mask` (valid tokens: up to and including the first EOS), `(N, T)`.
     """
     encoder = _Encoder(processor, task)
-    eos = torch.tensor([encoder.eos_id, encoder.pad_id])
-    is_eos = torch.isin(completions, eos)
-    first = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full_like(is_eos[:, 0], completions.size(1)))
-    mask = (torch.arange(completions.size(1)).unsqueeze(0) <= first.unsqueeze(1)).long()
+    mask = valid_token_mask(completions, (encoder.eos_id, encoder.pad_id))
     out = {}
     for view in ("original", "pixelated"):
         logits = completion_logits(

@@ -10,6 +10,10 @@
   perimeter task, a style of its own) but stopped as soon as it reads a quarter of the validation figures: it has an
   answer format and the arithmetic, and an unreliable reading of the figure, so its accuracy starts far below the
   teacher's. On-policy distillation has to make it read (and, on the perimeter task, write like the teacher).
+* Optionally (`DemoSetup.with_text_prior()`, not the default), both also learn a text-only prior, as real VLMs have:
+  a share of their training examples (`TrainSpec.blind_rate`) shows the question without a readable figure, half
+  with the image dropped from the prompt (the package's "drop" view) and half pixelated (its "pixelate" view), with
+  the item's own answer as the target (see `TrainSpec`).
 
 Both are reproducible from a seed and saved with `save_pretrained` under `$TRL_VAOPD_CACHE` (default
 `~/.cache/trl_vaopd`)`/demo/<key>/`, where the key hashes every setting that changes the result (and a sample answer,
@@ -28,7 +32,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +41,7 @@ from PIL import Image
 
 from ..evaluation import answers_match, extract_answer
 from ..tiny_models import _build_config, build_processor, build_tokenizer
-from ..views import pixelate
+from ..views import drop_image_parts, pixelate
 from .task import (
     DEFAULT_TASK,
     RectangleItem,
@@ -55,8 +59,10 @@ from .task import (
 __all__ = [
     "DemoModels",
     "completion_logits",
+    "valid_token_mask",
     "DemoSetup",
     "ModelSpec",
+    "TEXT_PRIOR_RATE",
     "TrainSpec",
     "build_demo_model",
     "build_demo_processor",
@@ -76,6 +82,10 @@ FAMILY = "qwen3_vl"
 VOCAB_SIZE = 1024
 #: How ViCuR's teacher reads a cue (`VAOPDConfig.cue_template`'s default), in the teacher's training prompts too
 CUE_TEMPLATE = "\n[Hint]: {cue}"
+#: `DemoSetup.with_text_prior()`'s share of training examples without a readable figure
+TEXT_PRIOR_RATE = 0.25
+#: The views a text-prior example is shown under, drawn with equal probability
+BLIND_VIEWS = ("drop", "pixelate")
 
 
 @dataclass(frozen=True)
@@ -99,6 +109,20 @@ class TrainSpec:
     area task), each example in a phrasing drawn at random; `cue_rate` is the share of examples whose question carries
     the item's cue. With `target_accuracy`, the run stops as soon as the greedy accuracy on the validation items,
     checked every `eval_every` steps, reaches it; `steps` is then a cap.
+
+    `blind_rate` is the share of examples shown without a readable figure, each under one of `BLIND_VIEWS` drawn at
+    random: `"drop"` (the image parts removed from the prompt, as the package's "drop" view does) or `"pixelate"` (the
+    figure pixelated as the "pixelate" view does). Such an example keeps the item's own reference answer as its
+    target, so the model learns to answer as well as it can without the figure, in the sense of the log loss it is
+    trained and distilled with: the cross-entropy minimiser is the distribution of the answer given what the prompt
+    shows. Without the image (the question text carries no information) that is the task generator's prior, the same
+    for every item: widths and heights uniform over 1 to 9, the rest of the answer following from them in the style's
+    phrasings (the area's mode is not unique: 6, 8, 12, 18 and 24 each have 4 of the 81 size pairs); with a pixelated
+    figure it is the posterior given the blotch, which still hints at the size. A fixed "most likely answer" target
+    would instead teach certainty in an answer that is wrong for 95% of the figures, which is no model's best
+    prediction under the log loss, and has no unique choice on the area task. The views are drawn only when
+    `blind_rate > 0`, so the default runs draw the same random numbers as before the option existed. The validation
+    accuracy (for `target_accuracy`) is still measured on the figures.
     """
 
     steps: int
@@ -113,6 +137,11 @@ class TrainSpec:
     seed: int = 0
     style: str = "teacher"
     cue_rate: float = 0.0
+    blind_rate: float = 0.0
+
+    def __post_init__(self):
+        if not 0.0 <= self.blind_rate <= 1.0:
+            raise ValueError(f"TrainSpec.blind_rate must be in [0, 1], got {self.blind_rate}.")
 
 
 @dataclass(frozen=True)
@@ -148,7 +177,20 @@ class DemoSetup:
         ]
         payload = {"version": CACHE_VERSION, "family": FAMILY, "vocab": VOCAB_SIZE, "template": template}
         payload.update(asdict(self))
+        for name in ("teacher_training", "student_training"):
+            # Added after models were cached: in the key only when set, so the cached default models stay valid
+            if not payload[name]["blind_rate"]:
+                del payload[name]["blind_rate"]
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def with_text_prior(self, rate: float = TEXT_PRIOR_RATE) -> DemoSetup:
+        """This setup with teacher and student that also learn a text-only prior: a share `rate` of both trainings'
+        examples without a readable figure (`TrainSpec.blind_rate`); cached under a key of its own."""
+        return replace(
+            self,
+            teacher_training=replace(self.teacher_training, blind_rate=rate),
+            student_training=replace(self.student_training, blind_rate=rate),
+        )
 
 
 @contextmanager
@@ -253,23 +295,34 @@ def completion_logits(
     model, encoder: _Encoder, items, completions: torch.Tensor, view: str, completion_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
     """`(N, T, V)` float32 logits of `model` at the positions that predict `completions` after the prompts of `items`
-    shown under `view` ("original" or "pixelate"); `completion_mask` masks padding after the first EOS."""
+    shown under `view` ("original", "pixelate" or "drop"); `completion_mask` masks padding after the first EOS."""
     prompts = encoder.prompts(items, view)
     mask = torch.ones_like(completions) if completion_mask is None else completion_mask
     logits = model(
         input_ids=torch.cat([prompts["input_ids"], completions], dim=1),
         attention_mask=torch.cat([prompts["attention_mask"], mask], dim=1),
         mm_token_type_ids=torch.cat([prompts["mm_token_type_ids"], torch.zeros_like(completions)], dim=1),
-        pixel_values=prompts["pixel_values"],
-        image_grid_thw=prompts["image_grid_thw"],
+        pixel_values=prompts.get("pixel_values"),
+        image_grid_thw=prompts.get("image_grid_thw"),
     ).logits
     start = prompts["input_ids"].size(1) - 1
     return logits[:, start : start + completions.size(1)].float()
 
 
+def valid_token_mask(completions: torch.Tensor, stop_ids: Sequence[int]) -> torch.Tensor:
+    """`(N, T)` mask of the valid completion tokens: up to and including the first of `stop_ids` (EOS, padding)."""
+    is_stop = torch.isin(completions, torch.tensor(list(stop_ids)))
+    first = torch.where(is_stop.any(1), is_stop.int().argmax(1), torch.full_like(is_stop[:, 0], completions.size(1)))
+    return (torch.arange(completions.size(1)).unsqueeze(0) <= first.unsqueeze(1)).long()
+
+
 class _Encoder:
     """Builds model inputs for task items: every image has the same size, so a prompt's tokens depend only on its
-    question (and its cue, when the question carries one)."""
+    question (and its cue, when the question carries one) and on whether the image is dropped.
+
+    A view is `"original"`, `"pixelate"`, `"empty"` (the canvas without the rectangle) or `"drop"` (no image in the
+    prompt, as the package's "drop" view); batch methods take one view for all items or one per item.
+    """
 
     def __init__(self, processor, task: TaskConfig):
         self.processor, self.task = processor, task
@@ -281,26 +334,42 @@ class _Encoder:
         # The figure with the rectangle removed: nothing to read (unlike a pixelated or mean-colour view, whose
         # intensities still hint at the rectangle's size)
         self.empty = Image.new("RGB", (task.image_size, task.image_size), (255, 255, 255))
-        self._prompt_ids: dict[str, list[int]] = {}
+        self._prompt_ids: dict[tuple[str, bool], list[int]] = {}
 
-    def prompt_ids(self, item: RectangleItem, cue: bool = False) -> list[int]:
+    def prompt_ids(self, item: RectangleItem, cue: bool = False, drop: bool = False) -> list[int]:
         question = self.task.questions[item.question]
         if cue:
             question += CUE_TEMPLATE.format(cue=cue_text(item))
-        if question not in self._prompt_ids:
-            text = self.processor.apply_chat_template(_messages(question), add_generation_prompt=True, tokenize=False)
-            ids = self.processor(text=[text], images=[self.empty], return_tensors="pt")["input_ids"][0].tolist()
-            self._prompt_ids[question] = ids
-        return self._prompt_ids[question]
+        if (question, drop) not in self._prompt_ids:
+            messages = drop_image_parts(_messages(question)) if drop else _messages(question)
+            text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            images = None if drop else [self.empty]
+            ids = self.processor(text=[text], images=images, return_tensors="pt")["input_ids"][0].tolist()
+            self._prompt_ids[question, drop] = ids
+        return self._prompt_ids[question, drop]
 
-    def images(self, items: Sequence[RectangleItem], view: str = "original") -> dict[str, torch.Tensor]:
-        images = [render_image(item, self.task) for item in items]
-        if view == "pixelate":
-            images = [pixelate(image) for image in images]
-        elif view == "empty":
-            images = [self.empty for _ in images]
-        elif view != "original":
-            raise ValueError(f"Unknown view {view!r}")
+    @staticmethod
+    def views(items: Sequence[RectangleItem], view: str | Sequence[str]) -> list[str]:
+        views = [view] * len(items) if isinstance(view, str) else list(view)
+        if len(views) != len(items):
+            raise ValueError(f"Got {len(views)} views for {len(items)} items.")
+        unknown = set(views) - {"original", "pixelate", "empty", "drop"}
+        if unknown:
+            raise ValueError(f"Unknown view {sorted(unknown)[0]!r}")
+        return views
+
+    def images(
+        self, items: Sequence[RectangleItem], view: str | Sequence[str] = "original"
+    ) -> dict[str, torch.Tensor]:
+        """`pixel_values` and `image_grid_thw` of the items' images under their views; nothing for dropped ones."""
+        images = []
+        for item, v in zip(items, self.views(items, view), strict=True):
+            if v == "drop":
+                continue
+            image = self.empty if v == "empty" else render_image(item, self.task)
+            images.append(pixelate(image) if v == "pixelate" else image)
+        if not images:
+            return {}
         out = self.processor.image_processor(images=images, return_tensors="pt")
         return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
 
@@ -314,10 +383,16 @@ class _Encoder:
         return ids, mask
 
     def prompts(
-        self, items: Sequence[RectangleItem], view: str = "original", cues: Sequence[bool] | None = None
+        self,
+        items: Sequence[RectangleItem],
+        view: str | Sequence[str] = "original",
+        cues: Sequence[bool] | None = None,
     ) -> dict[str, torch.Tensor]:
         cues = cues if cues is not None else [False] * len(items)
-        ids, mask = self._pad_left([self.prompt_ids(item, cue) for item, cue in zip(items, cues, strict=True)])
+        views = self.views(items, view)
+        ids, mask = self._pad_left(
+            [self.prompt_ids(item, cue, v == "drop") for item, cue, v in zip(items, cues, views, strict=True)]
+        )
         return {
             "input_ids": ids,
             "attention_mask": mask,
@@ -328,20 +403,21 @@ class _Encoder:
     def supervised(
         self,
         items: Sequence[RectangleItem],
-        view: str = "original",
+        view: str | Sequence[str] = "original",
         style: str = "teacher",
         phrasings: Sequence[int] | None = None,
         cues: Sequence[bool] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Prompt (with its cue where `cues` says so) + reference answer in the `style`'s phrasing `phrasings[i]` +
-        end of turn, left-padded, with `labels` on the answer tokens only."""
+        """Prompt under its view (with its cue where `cues` says so) + reference answer in the `style`'s phrasing
+        `phrasings[i]` + end of turn, left-padded, with `labels` on the answer tokens only."""
         phrasings = phrasings if phrasings is not None else [0] * len(items)
         cues = cues if cues is not None else [False] * len(items)
+        views = self.views(items, view)
         rows, answer_lengths = [], []
-        for item, variant, cue in zip(items, phrasings, cues, strict=True):
+        for item, variant, cue, v in zip(items, phrasings, cues, views, strict=True):
             answer = reference_answer(item, self.task, style, variant)
             answer_ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"] + [self.eos_id]
-            rows.append(self.prompt_ids(item, cue) + answer_ids)
+            rows.append(self.prompt_ids(item, cue, v == "drop") + answer_ids)
             answer_lengths.append(len(answer_ids))
         ids, mask = self._pad_left(rows)
         labels = torch.full_like(ids, -100)
@@ -352,7 +428,7 @@ class _Encoder:
             "attention_mask": mask,
             "mm_token_type_ids": (ids == self.image_pad_id).long(),
             "labels": labels,
-            **self.images(items, view),
+            **self.images(items, views),
         }
 
 
@@ -361,6 +437,13 @@ def _answer_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     logits = model(**inputs).logits[:, :-1]
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1))
+
+
+def _training_views(n: int, spec: TrainSpec, generator: torch.Generator) -> list[str]:
+    """Each example's view: one of `BLIND_VIEWS` at random with probability `spec.blind_rate`, else `spec.view`."""
+    blind = (torch.rand(n, generator=generator) < spec.blind_rate).tolist()
+    which = torch.randint(len(BLIND_VIEWS), (n,), generator=generator).tolist()
+    return [BLIND_VIEWS[w] if b else spec.view for b, w in zip(blind, which, strict=True)]
 
 
 def supervised_train(
@@ -413,7 +496,8 @@ def supervised_train(
         # Each example in a phrasing drawn at random, with its cue at the spec's rate
         phrasings = torch.randint(variants(task, spec.style), (len(batch_items),), generator=generator).tolist()
         cues = (torch.rand(len(batch_items), generator=generator) < spec.cue_rate).tolist()
-        batch = encoder.supervised(batch_items, spec.view, spec.style, phrasings, cues)
+        views = _training_views(len(batch_items), spec, generator) if spec.blind_rate else spec.view
+        batch = encoder.supervised(batch_items, views, spec.style, phrasings, cues)
         loss = _answer_loss(model, batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -605,6 +689,7 @@ def _train_and_save(setup: DemoSetup, directory: Path, progress: bool) -> dict[s
         seconds = time.perf_counter() - start
         accuracy = evaluate(model, processor, test_items, task)["greedy"]
         blind = evaluate(model, processor, test_items, task, view="pixelate")["greedy"]
+        dropped = evaluate(model, processor, test_items, task, view="drop")["greedy"]
         with_cue = evaluate(model, processor, test_items, task, cue=True)["greedy"]
         meta[name] = {
             "parameters": _num_params(model),
@@ -614,6 +699,7 @@ def _train_and_save(setup: DemoSetup, directory: Path, progress: bool) -> dict[s
             "validation": log["validation"],
             "heldout_accuracy": accuracy,
             "heldout_accuracy_pixelated": blind,
+            "heldout_accuracy_dropped": dropped,
             "heldout_accuracy_with_cue": with_cue,
         }
         reached = [acc for _, acc in log["validation"] if training.target_accuracy and acc >= training.target_accuracy]

@@ -23,8 +23,9 @@ Each item also has a **cue** for ViCuR's teacher ("The rectangle is 3 grid units
 visual evidence, recoverable from the figure, that does not state the answer.
 
 Detail matters: the pixelate view of VA-OPD (10% per side, so 3x3 pixels for a 32x32 image) leaves a blotch of colour
-from which the exact side lengths cannot be read, so the teacher's visual advantage concentrates on the tokens that
-state them.
+from which the demo's default teacher cannot read the exact side lengths, so its visual advantage concentrates on the
+tokens that state them. The blotch's intensities still carry the size: a teacher trained on pixelated figures too
+(`DemoSetup.with_text_prior()`) reads most of them (`docs/replication.md`).
 
 Everything is a pure function of a seed. The held-out test items are drawn first and the validation and training
 items exclude their images, so no held-out figure is ever trained on (the hue makes images distinct; the size pairs
