@@ -1,12 +1,14 @@
 """The small-scale replication of the papers' claims on the demo's two tasks, every method side by side.
 
-Every method of `trl_vaopd.demo.experiment.METHODS` (standard OPD, VA-OPD, its two single-component ablations, the
-three KL masks of the VA-OPD paper's analysis, VGS, VA-OPD + VGS, ViCuR with the cue teacher alone, with the
-cue-recovery module, and ViCuR + VA-OPD) is run for every seed with the same budget on one task (`area` or
+Every method of `trl_vaopd.demo.experiment.METHODS` (standard OPD, VA-OPD, VA-OPD on the package's own VA variant, its
+two single-component ablations, the three KL masks of the VA-OPD paper's analysis, VGS, VA-OPD + VGS, ViCuR with the
+cue teacher alone, with the cue-recovery module, ViCuR + VA-OPD, and the three GRPO rows) is run for every seed with the same budget on one task (`area` or
 `perimeter`, `trl_vaopd.demo.task`): the same cached teacher and student, the same prompts in the same order for a
 given seed, the same rollouts per step, steps and optimiser. The results are written as JSON (every run in full), a
 markdown table (means and sample standard deviations across seeds, differences to standard OPD paired by seed with
 95% intervals, the task's regime) and a PNG figure (probe accuracy over steps, one line per method, a band over seeds).
+Each method may have a learning rate of its own (`learning_rates`), and `run_lr_grid` chooses them by the fixed rule
+of `lr_protocol` on tuning seeds, from the validation probe alone.
 
 This is research code beside the examples, not part of the package: `examples/replicate.py` is its command line.
 """
@@ -19,20 +21,30 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 from analysis import kl_va_alignment
+from lr_protocol import TUNED_METHODS, TUNING_SEEDS, learning_rate_choice, learning_rate_grid
 
 from trl_vaopd.demo.experiment import METHODS, DistillSpec, run_distillation
 from trl_vaopd.demo.models import DemoSetup, cpu_threads, prepare_models, quick_setup
 from trl_vaopd.demo.task import TaskConfig, split_items, text_only_accuracy
 
 
-__all__ = ["LABELS", "REPLICATION_SPECS", "aggregate", "markdown_report", "plot_replication", "run_replication"]
+__all__ = [
+    "LABELS",
+    "REPLICATION_SPECS",
+    "aggregate",
+    "markdown_report",
+    "plot_replication",
+    "replication_setup",
+    "run_lr_grid",
+    "run_replication",
+]
 
 #: Each task's budget per run: 150 steps x 8 prompts x 4 rollouts. The learning rate is the one of 5e-4, 1e-3, 2e-3
 #: (and 4e-3 on the perimeter task) that gave standard OPD the best final probe accuracy on seed 0, chosen before any
@@ -45,6 +57,7 @@ REPLICATION_SPECS = {
 LABELS = {
     "opd": "Standard OPD",
     "vaopd": "VA-OPD",
+    "vaopd_view_kl": "VA-OPD, teacher's view divergence as VA (package variant)",
     "weighting_only": "Rollout weighting only",
     "grouping_only": "Token grouping only",
     "mask_top10": "OPD, top-10% VA tokens masked",
@@ -64,18 +77,95 @@ MASKS = ("mask_top10", "mask_low10", "mask_random10")
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
+def replication_setup(task: str, quick: bool = False, text_prior: float | None = None) -> DemoSetup:
+    """The teacher and student settings of a task: the demo's (or the tests' seconds-long ones with `quick`), with a
+    text-only prior learned at rate `text_prior` when it is set (`DemoSetup.with_text_prior`)."""
+    config = TaskConfig(kind=task)
+    setup = quick_setup(config) if quick else DemoSetup(task=config)
+    return setup.with_text_prior(text_prior) if text_prior else setup
+
+
+def _models_record(setup: DemoSetup) -> dict[str, Any]:
+    """Which models a run used: their cache key and the text-prior rate (`None` for today's models)."""
+    return {"setup_key": setup.key(), "text_prior_rate": setup.teacher_training.blind_rate or None}
+
+
+def _describe(record: dict[str, Any]) -> str:
+    kind = f"text-prior models (rate {record['text_prior_rate']:g})" if record["text_prior_rate"] else "today's models"
+    return f"{kind}, cache key {record['setup_key'] or 'not recorded'}"
+
+
+def _check_models(run_dir: Path, record: dict[str, Any]) -> None:
+    """Refuse to resume into a directory whose runs used other models: one table must come from one model pair.
+    Runs written before the record existed carry none; they all used today's models."""
+    for path in sorted(run_dir.glob("*.json")):
+        theirs = json.loads(path.read_text()).get("models", {"setup_key": None, "text_prior_rate": None})
+        same_kind = theirs["text_prior_rate"] == record["text_prior_rate"]
+        if not same_kind or theirs["setup_key"] not in (None, record["setup_key"]):
+            raise ValueError(
+                f"{run_dir} holds runs made with {_describe(theirs)} ({path.name}), but this call uses "
+                f"{_describe(record)}: resuming would mix model kinds in one table. Use another --output_dir, or the "
+                "same models (the same --text_prior and --tiny) as those runs."
+            )
+
+
 def _run_job(job: dict[str, Any]) -> dict[str, Any]:
-    """One (method, seed) run, in a worker process: models come from the cache prepared by the parent."""
+    """One run, in a worker process: models come from the cache prepared by the parent. Tuning runs
+    (`evaluate_test=False`) never read the test figures."""
     import torch  # noqa: F401  (imported before the thread setting)
 
     with cpu_threads(job["threads"]):
         models = prepare_models(job["setup"], cache_dir=job["cache_dir"], progress=False)
         with tempfile.TemporaryDirectory() as output_dir:
             result = run_distillation(
-                models, job["method"], job["seed"], job["spec"], output_dir=output_dir, progress=False
+                models,
+                job["method"],
+                job["seed"],
+                job["spec"],
+                output_dir=output_dir,
+                progress=False,
+                evaluate_test=job["evaluate_test"],
             )
-    result["student_start"] = models.meta["student"]["heldout_accuracy"]
+    result["models"] = _models_record(job["setup"])
+    if job["evaluate_test"]:
+        result["student_start"] = models.meta["student"]["heldout_accuracy"]
     return result
+
+
+def _execute(jobs: list[dict[str, Any]], workers: int, description: str, progress: bool) -> None:
+    """Run `jobs` (in `workers` processes when more than one), writing each result to its `path` as it finishes."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(jobs), desc=description, disable=not progress)
+
+    def save(job: dict[str, Any], result: dict[str, Any]) -> None:
+        Path(job["path"]).write_text(json.dumps(result, indent=1))
+        bar.update(1)
+        if progress:
+            spec, final = job["spec"], result["final"]
+            scores = (
+                f"greedy {final['greedy']:.1%}, avg@{spec.final_samples} {final[f'avg@{spec.final_samples}']:.1%}"
+                if final is not None
+                else f"lr {spec.learning_rate:g}, final probe {result['curve'][-1]['accuracy']:.1%}"
+            )
+            tqdm.write(f"  {job['method']:<15} seed {job['seed']}: {scores} ({result['train_seconds']:.0f}s)")
+
+    if workers > 1 and len(jobs) > 1:
+        import multiprocessing
+
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(_run_job, job): job for job in jobs}
+            for future in as_completed(futures):
+                save(futures[future], future.result())
+    else:
+        for job in jobs:
+            save(job, _run_job(job))
+    bar.close()
+
+
+def _pending(path: Path, spec: DistillSpec) -> bool:
+    """Whether the run at `path` is still to do: missing, or made with another budget or learning rate."""
+    return not (path.is_file() and json.loads(path.read_text()).get("spec") == asdict(spec))
 
 
 def run_replication(
@@ -90,20 +180,23 @@ def run_replication(
     threads: int | None = None,
     quick: bool = False,
     progress: bool = True,
+    learning_rates: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
     """Run every method for every seed on `task` (resuming: runs already in `output_dir/runs/` with the same budget
-    are kept), then write `results.json`, `results.md` and `replication.png` under `output_dir`. Returns the aggregate.
+    and learning rate are kept), then write `results.json`, `results.md` and `replication.png` under `output_dir`.
+    Returns the aggregate.
 
     Args:
         task: `"area"` or `"perimeter"`.
         spec: The budget; the task's `REPLICATION_SPECS` entry when `None`.
+        setup: The teacher and student settings; `replication_setup(task, quick)` when `None`. A directory holds runs
+            of one model pair: resuming with other models is refused.
         workers: Runs in parallel, in separate processes with `threads` torch threads each (1 by default): on a
             2-core machine, 2 workers use both cores.
         quick: The seconds-long setup of the tests (meaningless accuracies).
+        learning_rates: A learning rate per method (e.g. `lr_choice.json`'s chosen ones); the others use `spec`'s.
     """
-    from tqdm.auto import tqdm
-
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in [*methods, *(learning_rates or {})] if m not in METHODS]
     if unknown:
         raise ValueError(f"Unknown methods {unknown}; expected some of {list(METHODS)}")
     if "opd" not in methods:
@@ -111,61 +204,110 @@ def run_replication(
     start = time.perf_counter()
     out = Path(output_dir)
     (out / "runs").mkdir(parents=True, exist_ok=True)
-    config = TaskConfig(kind=task)
-    setup = setup or (quick_setup(config) if quick else DemoSetup(task=config))
+    setup = setup or replication_setup(task, quick)
+    record = _models_record(setup)
+    _check_models(out / "runs", record)
     spec = spec or REPLICATION_SPECS[task]
+    specs = {m: replace(spec, learning_rate=(learning_rates or {}).get(m, spec.learning_rate)) for m in methods}
     with cpu_threads(threads):
         models = prepare_models(setup, cache_dir=cache_dir, progress=progress)
     jobs = []
     for seed in seeds:
         for method in methods:
             path = out / "runs" / f"{method}_seed{seed}.json"
-            if path.is_file() and json.loads(path.read_text()).get("spec") == asdict(spec):
-                continue
-            job = {"method": method, "seed": seed, "spec": spec, "setup": setup, "cache_dir": cache_dir}
-            jobs.append({**job, "threads": threads, "path": str(path)})
-    bar = tqdm(total=len(jobs), desc=f"replication runs ({task})", disable=not progress)
-
-    def save(job: dict[str, Any], result: dict[str, Any]) -> None:
-        Path(job["path"]).write_text(json.dumps(result, indent=1))
-        bar.update(1)
-        if progress:
-            tqdm.write(
-                f"  {job['method']:<15} seed {job['seed']}: greedy {result['final']['greedy']:.1%}, "
-                f"avg@{spec.final_samples} {result['final'][f'avg@{spec.final_samples}']:.1%} "
-                f"({result['train_seconds']:.0f}s)"
-            )
-
-    if workers > 1 and len(jobs) > 1:
-        import multiprocessing
-
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {pool.submit(_run_job, job): job for job in jobs}
-            for future in as_completed(futures):
-                save(futures[future], future.result())
-    else:
-        for job in jobs:
-            save(job, _run_job(job))
-    bar.close()
+            if _pending(path, specs[method]):
+                job = {"method": method, "seed": seed, "spec": specs[method], "setup": setup, "cache_dir": cache_dir}
+                jobs.append({**job, "threads": threads, "path": str(path), "evaluate_test": True})
+    _execute(jobs, workers, f"replication runs ({task})", progress)
 
     runs = [
         json.loads((out / "runs" / f"{method}_seed{seed}.json").read_text()) for seed in seeds for method in methods
     ]
     report = aggregate(runs, models.meta, spec)
     report["task"] = task
+    report["models"] = record
     with cpu_threads(threads):
         # The task's regime, on the starting student's rollouts: where the KL sits (and where VA sits)
         report["regime"] = kl_va_alignment(models, num_items=min(64, len(models.validation_items)))
-    train, _, test = split_items(setup.num_train, setup.num_validation, setup.num_test, setup.data_seed, config)
-    report["regime"]["text_only_accuracy"] = text_only_accuracy(train, test, config)
+    train, _, test = split_items(setup.num_train, setup.num_validation, setup.num_test, setup.data_seed, setup.task)
+    report["regime"]["text_only_accuracy"] = text_only_accuracy(train, test, setup.task)
     report["wall_seconds_this_call"] = round(time.perf_counter() - start, 1)
     report["workers"] = workers
     (out / "results.json").write_text(json.dumps({**report, "runs": runs}, indent=1))
     (out / "results.md").write_text(markdown_report(report))
     plot_replication(runs, report, out / "replication.png")
     if progress:
-        tqdm.write(f"Wrote {out / 'results.md'}, {out / 'results.json'} and {out / 'replication.png'}")
+        print(f"Wrote {out / 'results.md'}, {out / 'results.json'} and {out / 'replication.png'}")
     return report
+
+
+def run_lr_grid(
+    output_dir: str | os.PathLike = "replication",
+    task: str = "area",
+    methods: Sequence[str] = TUNED_METHODS,
+    seeds: Sequence[int] = TUNING_SEEDS,
+    spec: DistillSpec | None = None,
+    setup: DemoSetup | None = None,
+    cache_dir: str | None = None,
+    workers: int = 1,
+    threads: int | None = None,
+    quick: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The learning-rate search of `lr_protocol`: every method at each rate of `learning_rate_grid(spec's rate)` for
+    every tuning seed, the test figures never read (runs in `output_dir/lr_grid/runs/`, resuming), then the rule's
+    choice written to `output_dir/lr_choice.json` and returned.
+
+    Args:
+        methods: Rows to tune, some of `lr_protocol.TUNED_METHODS` (the others borrow a tuned row's rate).
+        seeds: The tuning seeds; they must not be evaluation seeds (0-4).
+        Others: as `run_replication`.
+    """
+    untuned = [m for m in methods if m not in TUNED_METHODS]
+    if untuned:
+        raise ValueError(
+            f"{untuned} are not tuned by the learning-rate rule (the masking rows use OPD's rate, weighting_only and "
+            f"grouping_only VA-OPD's): tune some of {list(TUNED_METHODS)}."
+        )
+    if set(seeds) & set(range(5)):
+        raise ValueError(
+            f"Tuning seeds {sorted(set(seeds) & set(range(5)))} are evaluation seeds (0-4): tune on others, such as "
+            f"{list(TUNING_SEEDS)}."
+        )
+    out = Path(output_dir)
+    run_dir = out / "lr_grid" / "runs"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    setup = setup or replication_setup(task, quick)
+    record = _models_record(setup)
+    _check_models(run_dir, record)
+    spec = spec or REPLICATION_SPECS[task]
+    with cpu_threads(threads):
+        prepare_models(setup, cache_dir=cache_dir, progress=progress)
+    grid = learning_rate_grid(spec.learning_rate)
+    jobs, paths = [], []
+    # Seed-major, so that a cut budget keeps whole seeds
+    for seed in seeds:
+        for method in methods:
+            for lr in grid:
+                run_spec = replace(spec, learning_rate=lr)
+                path = run_dir / f"{method}_lr{lr:g}_seed{seed}.json"
+                paths.append(path)
+                if _pending(path, run_spec):
+                    job = {"method": method, "seed": seed, "spec": run_spec, "setup": setup, "cache_dir": cache_dir}
+                    jobs.append({**job, "threads": threads, "path": str(path), "evaluate_test": False})
+    _execute(jobs, workers, f"learning-rate grid ({task})", progress)
+    runs = [json.loads(path.read_text()) for path in paths]
+    choice = {
+        "task": task,
+        **record,
+        "grid": list(grid),
+        "seeds": list(seeds),
+        **learning_rate_choice(runs, spec.learning_rate, spec.probe_size, methods),
+    }
+    (out / "lr_choice.json").write_text(json.dumps(choice, indent=1))
+    if progress:
+        print(f"Wrote {out / 'lr_choice.json'}: " + ", ".join(f"{m} {lr:g}" for m, lr in choice["chosen"].items()))
+    return choice
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -246,6 +388,8 @@ def aggregate(runs: list[dict[str, Any]], meta: dict[str, Any], spec: DistillSpe
         "student": meta["student"],
         "setup_key": meta.get("key"),
         "num_test": meta["setup"]["num_test"],
+        # Each method's runs share one learning rate (`run_replication`'s `learning_rates`)
+        "learning_rates": {m: next(iter(rs.values()))["spec"]["learning_rate"] for m, rs in by_method.items()},
         "methods": table,
     }
 
@@ -273,9 +417,16 @@ def markdown_report(report: dict[str, Any]) -> str:
     k = spec["final_samples"]
     teacher, student = report["teacher"], report["student"]
     order = [m for m in LABELS if m in table]
+    rates = report.get("learning_rates") or {m: spec["learning_rate"] for m in order}
+    if len(set(rates.values())) == 1:
+        lr = f"AdamW lr {next(iter(rates.values())):g}"
+    else:
+        lr = "AdamW lr per method (" + ", ".join(f"{LABELS[m]} {rates[m]:g}" for m in order) + ")"
+    models = report.get("models")
+    models = f" Models: {_describe(models)}." if models else ""
     lines = [
-        f"Task: {report['task']}. Seeds {', '.join(map(str, report['seeds']))}; per run {spec['steps']} steps x "
-        f"{spec['prompts_per_step']} prompts x {spec['num_generations']} rollouts, AdamW lr {spec['learning_rate']:g} "
+        f"Task: {report['task']}.{models} Seeds {', '.join(map(str, report['seeds']))}; per run {spec['steps']} "
+        f"steps x {spec['prompts_per_step']} prompts x {spec['num_generations']} rollouts, {lr} "
         f"(cosine, {spec['warmup_ratio']:.0%} warm-up), sampling temperature {spec['temperature']:g}, top-p "
         f"{spec['top_p']:g}. Teacher: {teacher['heldout_accuracy']:.1%} held-out greedy accuracy "
         f"({teacher.get('heldout_accuracy_with_cue', float('nan')):.1%} reading the cue); student at the start: "

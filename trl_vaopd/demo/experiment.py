@@ -7,6 +7,7 @@
 |------------------|--------------------------------------------------------|---------------------------------------------|
 | `opd`            | `method="opd"`                                         | standard OPD (`docs/methods/va_opd.md`)     |
 | `vaopd`          | `method="va_opd"`                                      | VA-OPD: rollout weighting + token grouping  |
+| `vaopd_view_kl`  | `method="va_opd", visual_advantage="teacher_view_kl"`  | VA-OPD on the package's own VA variant      |
 | `weighting_only` | `method="va_opd", token_grouping=False`                | rollout weighting alone                     |
 | `grouping_only`  | `method="va_opd", rollout_weighting=False`             | token grouping alone                        |
 | `mask_top10`     | `method="opd", va_token_mask="top"`                    | OPD without the 10% highest-VA tokens       |
@@ -26,7 +27,8 @@ Every run scores the counterfactual view (`log_va_metrics=True`), so the VA metr
 Along the run, every `eval_every` steps, the student is evaluated on a fixed probe set of validation items: greedy
 accuracy, and its own visual reliance, the mean per-token gap `log p_S(y_t | v) - log p_S(y_t | v~)` between the
 original and the pixelated image on responses it samples at temperature 1. At the end: greedy accuracy and avg@8 at
-temperature 1 on the held-out test set.
+temperature 1 on the held-out test set (skipped with `evaluate_test=False`, for runs that choose a setting and must
+not read the test figures).
 """
 
 from __future__ import annotations
@@ -66,6 +68,8 @@ __all__ = [
 METHODS: dict[str, dict[str, Any]] = {
     "opd": {"method": "opd"},
     "vaopd": {"method": "va_opd"},
+    # The package's own VA variant (the teacher's view divergence; docs/methods/va_opd.md), not a paper's method
+    "vaopd_view_kl": {"method": "va_opd", "visual_advantage": "teacher_view_kl"},
     "weighting_only": {"method": "va_opd", "token_grouping": False},
     "grouping_only": {"method": "va_opd", "rollout_weighting": False},
     "mask_top10": {"method": "opd", "va_token_mask": "top"},
@@ -192,8 +196,12 @@ def run_distillation(
     output_dir: str = "vaopd_demo/run",
     progress: bool = True,
     keep_trainer: bool = False,
+    evaluate_test: bool = True,
 ) -> dict[str, Any]:
     """Distil the cached student from the cached teacher with `method` (see `METHODS`); returns the measurements.
+
+    With `evaluate_test=False` the held-out test figures are never read (`result["final"]` is `None`): the run's
+    measurements are the probe's, on validation figures, as a learning-rate search needs.
 
     The seed sets the training prompts and their order, the sampling and the random mask: two methods at the same seed
     see the same prompts in the same order, with the same number of rollouts and steps. The student always starts from
@@ -266,7 +274,11 @@ def run_distillation(
     bar.close()
     model = trainer.model
     run.probe(model, spec.steps)
-    final = evaluate(model, processor, models.test_items, task, samples=spec.final_samples, seed=seed)
+    final = (
+        evaluate(model, processor, models.test_items, task, samples=spec.final_samples, seed=seed)
+        if evaluate_test
+        else None
+    )
 
     history = [entry for entry in trainer.state.log_history if "loss" in entry]
 
