@@ -167,6 +167,9 @@ def test_lr_grid_then_evaluation_on_text_prior_models(tmp_path, replicate):
     table = (out / "area" / "results.md").read_text()
     assert f"text-prior models (rate 0.25), cache key {key}" in table
     assert "| VA-OPD, teacher's view divergence as VA (package variant) |" in table
+    # VA's size beside its concentration: the teacher's mean VA of each row
+    assert "Teacher mean VA (nats/token) |" in table
+    assert f"{report['methods']['opd']['va_mean']['mean']:.3f} ± " in table
     assert "AdamW lr per method (Standard OPD" in table  # mask_top10's 3e-3 is off the grid
 
     # Today's models into the same directory: refused, by the choice file and by the runs already there

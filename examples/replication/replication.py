@@ -434,8 +434,9 @@ def markdown_report(report: dict[str, Any]) -> str:
         f"avg@{k} at temperature 1. Means ± sample standard deviations over {len(report['seeds'])} seeds.",
         "",
         f"| Method | Greedy acc. (%) | avg@{k} (%) | Mean probe acc. over training (%) | Steps to OPD's final probe "
-        "acc. | Student visual reliance: start → end (nats/token) | Teacher VA top-10% share (%) |",
-        "|---|---|---|---|---|---|---|",
+        "acc. | Student visual reliance: start → end (nats/token) | Teacher VA top-10% share (%) | Teacher mean VA "
+        "(nats/token) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
 
     def speed(row: dict[str, Any]) -> str:
@@ -452,7 +453,8 @@ def markdown_report(report: dict[str, Any]) -> str:
         )
         lines.append(
             f"| {LABELS[method]} | {_fmt(row['greedy'])} | {_fmt(row[f'avg@{k}'])} | {_fmt(row['probe_auc'])} | "
-            f"{speed(row)} | {reliance} | {_fmt(row['va_top10_share'], digits=2)} |"
+            f"{speed(row)} | {reliance} | {_fmt(row['va_top10_share'], digits=2)} | "
+            f"{_fmt(row['va_mean'], percent=False, digits=3)} |"
         )
     others = [m for m in order if m != "opd"]
     if others:
