@@ -116,6 +116,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _choice_files(paths: list[str], tasks: list[str]) -> dict[str, str]:
     """`lr_choice.json` per task, each file naming its task; every task that runs needs one."""
+    absent = [p for p in paths if not Path(p).is_file()]
+    if absent:
+        raise ValueError(
+            f"--learning_rates_from: {absent} not found; --lr_grid writes <output_dir>/<task>/lr_choice.json."
+        )
     by_task = {json.loads(Path(p).read_text())["task"]: p for p in paths}
     missing = [t for t in tasks if t not in by_task]
     if missing:

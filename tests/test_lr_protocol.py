@@ -175,6 +175,10 @@ def test_lr_grid_then_evaluation_on_text_prior_models(tmp_path, replicate):
     # Today's models into the same directory: refused, by the choice file and by the runs already there
     with pytest.raises(ValueError, match="pass the same --text_prior"):
         replicate.main([a for a in argv if a != "--text_prior"])
+    with pytest.raises(ValueError, match="no lr_choice.json for \\['perimeter'\\]"):
+        replicate.main([*argv, "--tasks", "area", "perimeter"])
+    with pytest.raises(ValueError, match="not found; --lr_grid writes"):
+        replicate.main([*common, "--learning_rates_from", str(out / "perimeter" / "lr_choice.json")])
     with pytest.raises(ValueError, match=r"holds runs made with text-prior models \(rate 0.25\).*today's models"):
         replicate.main([*common, "--methods", "opd", "--seeds", "0"])
 
