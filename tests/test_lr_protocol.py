@@ -160,7 +160,8 @@ def test_lr_grid_then_evaluation_on_text_prior_models(tmp_path, replicate):
     report = replicate.main(argv)["area"]
     expected = {**{m: choice["chosen"][m] for m in ("opd", "vaopd_view_kl")}, "mask_top10": 3e-3}
     assert report["learning_rates"] == expected
-    assert report["models"] == {"setup_key": key, "text_prior_rate": TEXT_PRIOR_RATE}
+    weights = report["models"].pop("weights")
+    assert report["models"] == {"setup_key": key, "text_prior_rate": TEXT_PRIOR_RATE} and len(weights) == 16
     for method, lr in expected.items():
         run = json.loads((out / "area" / "runs" / f"{method}_seed0.json").read_text())
         assert run["spec"]["learning_rate"] == lr and run["final"]["greedy"] is not None
@@ -181,6 +182,13 @@ def test_lr_grid_then_evaluation_on_text_prior_models(tmp_path, replicate):
         replicate.main([*common, "--learning_rates_from", str(out / "perimeter" / "lr_choice.json")])
     with pytest.raises(ValueError, match=r"holds runs made with text-prior models \(rate 0.25\).*today's models"):
         replicate.main([*common, "--methods", "opd", "--seeds", "0"])
+    # Runs of other weights under the same settings (another machine's models): refused on resume
+    run_file = out / "area" / "runs" / "opd_seed0.json"
+    run = json.loads(run_file.read_text())
+    assert run["models"]["weights"] == weights
+    run_file.write_text(json.dumps({**run, "models": {**run["models"], "weights": "0" * 16}}))
+    with pytest.raises(ValueError, match=f"other weights under the same settings.*the cached models here: {weights}"):
+        replicate.main(argv)
 
 
 def test_bad_learning_rate_settings_are_refused(replicate, capsys):

@@ -15,6 +15,7 @@ This is research code beside the examples, not part of the package: `examples/re
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -31,7 +32,7 @@ from analysis import kl_va_alignment
 from lr_protocol import TUNED_METHODS, TUNING_SEEDS, learning_rate_choice, learning_rate_grid
 
 from trl_vaopd.demo.experiment import METHODS, DistillSpec, run_distillation
-from trl_vaopd.demo.models import DemoSetup, cpu_threads, prepare_models, quick_setup
+from trl_vaopd.demo.models import DemoModels, DemoSetup, cpu_threads, prepare_models, quick_setup
 from trl_vaopd.demo.task import TaskConfig, split_items, text_only_accuracy
 
 
@@ -85,9 +86,17 @@ def replication_setup(task: str, quick: bool = False, text_prior: float | None =
     return setup.with_text_prior(text_prior) if text_prior else setup
 
 
-def _models_record(setup: DemoSetup) -> dict[str, Any]:
-    """Which models a run used: their cache key and the text-prior rate (`None` for today's models)."""
-    return {"setup_key": setup.key(), "text_prior_rate": setup.teacher_training.blind_rate or None}
+def _models_record(setup: DemoSetup, models: DemoModels | None = None) -> dict[str, Any]:
+    """Which models a run used: their cache key, the text-prior rate (`None` for today's models) and, once they are
+    prepared, a fingerprint of their weights. The cache key names the settings; a machine with other floating point
+    trains other weights from them, so only the fingerprint tells two such model pairs apart."""
+    record = {"setup_key": setup.key(), "text_prior_rate": setup.teacher_training.blind_rate or None}
+    if models is not None:
+        digest = hashlib.sha256()
+        for path in (models.teacher_path, models.student_path):
+            digest.update((Path(path) / "model.safetensors").read_bytes())
+        record["weights"] = digest.hexdigest()[:16]
+    return record
 
 
 def _describe(record: dict[str, Any]) -> str:
@@ -106,6 +115,13 @@ def _check_models(run_dir: Path, record: dict[str, Any]) -> None:
                 f"{run_dir} holds runs made with {_describe(theirs)} ({path.name}), but this call uses "
                 f"{_describe(record)}: resuming would mix model kinds in one table. Use another --output_dir, or the "
                 "same models (the same --text_prior and --tiny) as those runs."
+            )
+        if record.get("weights") and theirs.get("weights") not in (None, record["weights"]):
+            raise ValueError(
+                f"{run_dir} holds runs made with other weights under the same settings ({path.name}: weights "
+                f"{theirs['weights']}, the cached models here: {record['weights']}; another machine trains other tiny "
+                "models from the same settings). Resume on the machine (and model cache) that made those runs, or "
+                "use another --output_dir."
             )
 
 
@@ -126,7 +142,7 @@ def _run_job(job: dict[str, Any]) -> dict[str, Any]:
                 progress=False,
                 evaluate_test=job["evaluate_test"],
             )
-    result["models"] = _models_record(job["setup"])
+    result["models"] = _models_record(job["setup"], models)
     if job["evaluate_test"]:
         result["student_start"] = models.meta["student"]["heldout_accuracy"]
     return result
@@ -205,12 +221,13 @@ def run_replication(
     out = Path(output_dir)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     setup = setup or replication_setup(task, quick)
-    record = _models_record(setup)
-    _check_models(out / "runs", record)
+    _check_models(out / "runs", _models_record(setup))  # the model kind, before any model is trained
     spec = spec or REPLICATION_SPECS[task]
     specs = {m: replace(spec, learning_rate=(learning_rates or {}).get(m, spec.learning_rate)) for m in methods}
     with cpu_threads(threads):
         models = prepare_models(setup, cache_dir=cache_dir, progress=progress)
+    record = _models_record(setup, models)
+    _check_models(out / "runs", record)
     jobs = []
     for seed in seeds:
         for method in methods:
@@ -278,11 +295,12 @@ def run_lr_grid(
     run_dir = out / "lr_grid" / "runs"
     run_dir.mkdir(parents=True, exist_ok=True)
     setup = setup or replication_setup(task, quick)
-    record = _models_record(setup)
-    _check_models(run_dir, record)
+    _check_models(run_dir, _models_record(setup))  # the model kind, before any model is trained
     spec = spec or REPLICATION_SPECS[task]
     with cpu_threads(threads):
-        prepare_models(setup, cache_dir=cache_dir, progress=progress)
+        models = prepare_models(setup, cache_dir=cache_dir, progress=progress)
+    record = _models_record(setup, models)
+    _check_models(run_dir, record)
     grid = learning_rate_grid(spec.learning_rate)
     jobs, paths = [], []
     # Seed-major, so that a cut budget keeps whole seeds
