@@ -100,6 +100,14 @@ def fit(lengths, seconds) -> tuple[float, float]:
 
 
 # ---------------------------------------------------------------------------------------------------- measurements
+def _one_layer(shape: ModelShape, tokenizer, vision_depth: int = 1):
+    """`shape`'s widths with one decoder layer, a `vision_depth`-block tower and a small vocabulary: what every
+    measurement below times."""
+    return build_qwen3_vl(
+        replace(shape, layers=1, vision_depth=vision_depth, deepstack=(), vocab=None), tokenizer, seed=0
+    )
+
+
 def measure_model(
     shape: ModelShape,
     tokenizer,
@@ -114,11 +122,7 @@ def measure_model(
     image (`images` per call), and the saved activation bytes of one layer per token, for `shape`'s widths (a 1- and
     a 2-block tower, 1 decoder layer, a small vocabulary)."""
     costs = {}
-    towers = {}
-    for depth in (1, 2):
-        small = replace(shape, layers=1, vision_depth=depth, deepstack=(), vocab=None)
-        model = build_qwen3_vl(small, tokenizer, seed=0)
-        towers[depth] = model
+    towers = {depth: _one_layer(shape, tokenizer, vision_depth=depth) for depth in (1, 2)}
     model = towers[1]
     text = model.model.language_model
     layer, rotary = text.layers[0], text.rotary_emb
@@ -208,7 +212,7 @@ def measure_call(shape: ModelShape, tokenizer, lengths, rows: int, image_side: i
     """The fixed cost of one backbone call, forward and forward + backward: a 1-layer model's whole forward over
     `rows` rows with an image each, fitted as `c + slope L` over the length, less its vision tower's time. What is
     left is the call's own work (masks, multimodal RoPE indices, launch costs), whatever the call's size."""
-    model = build_qwen3_vl(replace(shape, layers=1, vision_depth=1, deepstack=(), vocab=None), tokenizer, seed=0)
+    model = _one_layer(shape, tokenizer)
     grid = image_side // 16
     ids = tokenizer.convert_tokens_to_ids
     image_row = [ids(VISION_START)] + [ids(IMAGE_PAD)] * (grid // MERGE_SIZE) ** 2 + [ids(VISION_END)]
@@ -253,7 +257,7 @@ def measure_call(shape: ModelShape, tokenizer, lengths, rows: int, image_side: i
 def measure_sharing(shape: ModelShape, tokenizer, image_side: int, rows: int, k: int, repeat: int = 3) -> float:
     """The work of one prefix-shared pass outside its two backbone calls (grouping, the completions' multimodal
     positions, the cache's repeat per sibling), on a 1-layer model over `rows` rollouts in groups of `k`."""
-    model = build_qwen3_vl(replace(shape, layers=1, vision_depth=1, deepstack=(), vocab=None), tokenizer, seed=0)
+    model = _one_layer(shape, tokenizer)
     processor = build_processor("qwen3_vl", tokenizer, image_size=image_side)
     batch = prefix_rows(processor, Budget(prompts=rows // k, k=k, length=32, image_size=image_side), "cpu")
     inside, backbone = [], backbone_of(model)
