@@ -554,4 +554,4 @@ def plot_replication(runs: list[dict[str, Any]], report: dict[str, Any], path: s
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")  # a long legend would otherwise clip the title
