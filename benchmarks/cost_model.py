@@ -101,8 +101,8 @@ def fit(lengths, seconds) -> tuple[float, float]:
 
 # ---------------------------------------------------------------------------------------------------- measurements
 def _one_layer(shape: ModelShape, tokenizer, vision_depth: int = 1):
-    """`shape`'s widths with one decoder layer, a `vision_depth`-block tower and a small vocabulary: what every
-    measurement below times."""
+    """`shape`'s widths with one decoder layer, a `vision_depth`-block tower and a small vocabulary: the model the
+    backbone measurements below time."""
     return build_qwen3_vl(
         replace(shape, layers=1, vision_depth=vision_depth, deepstack=(), vocab=None), tokenizer, seed=0
     )
