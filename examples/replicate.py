@@ -16,12 +16,12 @@ own visual reliance along training, the teacher's VA concentration, paired diffe
 the task's regime (where the KL sits on the starting student's rollouts); writes `results.json`, `results.md` and
 `replication.png` under `--output_dir/<task>/`.
 
-Models: today's demo models, or with `--text_prior [RATE]` (default rate 0.25) ones that also learned a text-only
+Models: the demo's default models, or with `--text_prior [RATE]` (default rate 0.25) ones that also learned a text-only
 prior (`DemoSetup.with_text_prior`). An output directory holds runs of one model pair; resuming with others is refused.
 
 Learning rates: the task's (`REPLICATION_SPECS`, or `--learning_rate`) for every method, overridden per method by
 `--learning_rates METHOD=LR ...` or by the file `--lr_grid` writes. `--lr_grid` applies the fixed rule of
-`examples/replication/lr_protocol.py` (docs/replication.md, "The next rerun"): each tuned row at half, once and
+`examples/replication/lr_protocol.py` (docs/replication.md, "Learning rates"): each tuned row at half, once and
 twice the task's OPD learning rate on tuning seeds 100 and 101 (by default), chosen by the final validation-probe
 accuracy (the test figures are never read); it writes `--output_dir/<task>/lr_choice.json`, which
 `--learning_rates_from` reads for the evaluation runs (seeds 0-4).
@@ -30,7 +30,7 @@ accuracy (the test figures are never read); it writes `--output_dir/<task>/lr_ch
 python examples/replicate.py                              # both tasks, 16 methods x 5 seeds (hours on 2 cores; resumable)
 python examples/replicate.py --tasks perimeter --methods opd vaopd vgs --seeds 0 1 2
 python examples/replicate.py --tiny                       # seconds: the pipeline on a meaningless budget (tests)
-# The next rerun (docs/replication.md): the learning-rate grid, then the evaluation at the chosen rates
+# The rerun (docs/replication.md): the learning-rate grid, then the evaluation at the chosen rates
 python examples/replicate.py --text_prior --lr_grid --output_dir docs/replication/text_prior
 python examples/replicate.py --text_prior --output_dir docs/replication/text_prior \
     --learning_rates_from docs/replication/text_prior/area/lr_choice.json docs/replication/text_prior/perimeter/lr_choice.json

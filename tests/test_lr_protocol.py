@@ -180,7 +180,7 @@ def test_lr_grid_then_evaluation_on_text_prior_models(tmp_path, replicate):
         replicate.main([*argv, "--tasks", "area", "perimeter"])
     with pytest.raises(ValueError, match="not found; --lr_grid writes"):
         replicate.main([*common, "--learning_rates_from", str(out / "perimeter" / "lr_choice.json")])
-    with pytest.raises(ValueError, match=r"holds runs made with text-prior models \(rate 0.25\).*today's models"):
+    with pytest.raises(ValueError, match=r"holds runs made with text-prior models \(rate 0.25\).*the default models"):
         replicate.main([*common, "--methods", "opd", "--seeds", "0"])
     # Runs of other weights under the same settings (another machine's models): refused on resume
     run_file = out / "area" / "runs" / "opd_seed0.json"

@@ -1,5 +1,5 @@
-"""The replication's per-method learning-rate protocol, fixed before any of its runs (docs/replication.md, "The next
-rerun: plan and learning-rate protocol").
+"""The replication's per-method learning-rate protocol, fixed before any of its runs (docs/replication.md,
+"Learning rates: one per method, by a rule fixed in advance").
 
 Rule (version `RULE_VERSION`):
 

@@ -87,7 +87,7 @@ def replication_setup(task: str, quick: bool = False, text_prior: float | None =
 
 
 def _models_record(setup: DemoSetup, models: DemoModels | None = None) -> dict[str, Any]:
-    """Which models a run used: their cache key, the text-prior rate (`None` for today's models) and, once they are
+    """Which models a run used: their cache key, the text-prior rate (`None` for the default models) and, once they are
     prepared, a fingerprint of their weights. The cache key names the settings; a machine with other floating point
     trains other weights from them, so only the fingerprint tells two such model pairs apart."""
     record = {"setup_key": setup.key(), "text_prior_rate": setup.teacher_training.blind_rate or None}
@@ -100,13 +100,13 @@ def _models_record(setup: DemoSetup, models: DemoModels | None = None) -> dict[s
 
 
 def _describe(record: dict[str, Any]) -> str:
-    kind = f"text-prior models (rate {record['text_prior_rate']:g})" if record["text_prior_rate"] else "today's models"
+    kind = f"text-prior models (rate {record['text_prior_rate']:g})" if record["text_prior_rate"] else "the default models"
     return f"{kind}, cache key {record['setup_key'] or 'not recorded'}"
 
 
 def _check_models(run_dir: Path, record: dict[str, Any]) -> None:
     """Refuse to resume into a directory whose runs used other models: one table must come from one model pair.
-    Runs written before the record existed carry none; they all used today's models."""
+    Runs written before the record existed carry none; they all used the default models."""
     for path in sorted(run_dir.glob("*.json")):
         theirs = json.loads(path.read_text()).get("models", {"setup_key": None, "text_prior_rate": None})
         same_kind = theirs["text_prior_rate"] == record["text_prior_rate"]
