@@ -100,7 +100,11 @@ def _models_record(setup: DemoSetup, models: DemoModels | None = None) -> dict[s
 
 
 def _describe(record: dict[str, Any]) -> str:
-    kind = f"text-prior models (rate {record['text_prior_rate']:g})" if record["text_prior_rate"] else "the default models"
+    kind = (
+        f"text-prior models (rate {record['text_prior_rate']:g})"
+        if record["text_prior_rate"]
+        else "the default models"
+    )
     return f"{kind}, cache key {record['setup_key'] or 'not recorded'}"
 
 
